@@ -1,0 +1,26 @@
+# Two entry points, both safe on a fresh clone on a fresh machine:
+#   make demo   set up .venv, then run the main job on the bundled MNIST
+#   make test   set up .venv, then run the whole test suite
+VENV   ?= .venv
+PYTHON ?= python3
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.dropkit-installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/dropkit train --p 0 0.5 --epochs 10 --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 -q
+
+bench: $(STAMP)
+	$(BIN)/dropkit bench kernels
+
+clean:
+	rm -rf $(VENV) runs build src/*.egg-info

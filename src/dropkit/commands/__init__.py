@@ -1,0 +1,1 @@
+"""One module per `dropkit` subcommand: argument parsing and printing only; the work lives in the library."""
