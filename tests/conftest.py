@@ -1,0 +1,45 @@
+"""Shared test helpers: tiny IDX files written on the fly, so data tests need no real dataset."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+#: numpy dtype -> IDX type code
+_IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(">i2"): 0x0B,
+              np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D, np.dtype(">f8"): 0x0E}
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """The IDX encoding of ``array``: zero magic bytes, type code, rank, big-endian sizes and data."""
+    code = _IDX_CODES[array.dtype]
+    header = struct.pack(">BBBB", 0, 0, code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray | bytes) -> Path:
+    """Write an array (or ready-made bytes) as an IDX file; gzip it when the name ends in .gz."""
+    data = array if isinstance(array, bytes) else idx_bytes(array)
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+    return path
+
+
+def write_idx_folder(folder: Path, n_train: int = 40, n_test: int = 20, *, gz: bool = True, seed: int = 0) -> Path:
+    """A fake MNIST folder: random 28x28 uint8 images, labels 0-9, the standard four file names."""
+    rng = np.random.default_rng(seed)
+    ext = ".gz" if gz else ""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(folder / f"{stem}-images-idx3-ubyte{ext}", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        write_idx(folder / f"{stem}-labels-idx1-ubyte{ext}", rng.integers(0, 10, n, dtype=np.uint8))
+    return folder
+
+
+@pytest.fixture
+def idx_folder(tmp_path: Path) -> Path:
+    """A folder of four small gzip-compressed IDX files in MNIST's layout."""
+    return write_idx_folder(tmp_path / "fake")
