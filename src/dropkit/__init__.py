@@ -1,0 +1,18 @@
+"""dropkit: dropout for PyTorch, correct, fast and easy to tune.
+
+The common entry points are re-exported here::
+
+    import dropkit
+    dropkit.manual_seed(0)
+    y = dropkit.dropout(x, 0.5, training=True)
+    layer = dropkit.nn.Dropout(0.5)
+    n = dropkit.convert(model)   # swap torch dropout modules for dropkit ones
+"""
+
+from dropkit import functional, nn, rng
+from dropkit.convert import convert
+from dropkit.functional import dropout
+from dropkit.rng import manual_seed
+
+__all__ = ["convert", "dropout", "functional", "manual_seed", "nn", "rng"]
+__version__ = "0.1.0"

@@ -1,0 +1,143 @@
+"""Counter-based random streams for dropout masks.
+
+Every mask dropkit draws is a pure function of ``(seed, offset, index)``: the Philox4x32-10
+generator (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011) maps a 64-bit
+key and a 128-bit counter to 128 random bits with no state in between. That is what lets the
+backward pass regenerate the forward mask from 8 bytes instead of keeping it, lets
+``torch.utils.checkpoint`` recompute the very same mask, and lets a GPU kernel (Triton's
+``tl.randint4x`` uses this generator with the same key split) reproduce a CPU mask.
+
+Stream layouts (shared by the reference and the compiled kernels; they are the contract):
+
+* key: ``k0 = seed & 0xFFFFFFFF``, ``k1 = seed >> 32`` (seed in [0, 2**63)).
+* ``u16`` (keep masks): element ``i`` reads counter ``offset + i // 8``; of the four 32-bit words
+  it takes word ``(i // 2) % 4`` and of that the low half for even ``i``, the high half for odd
+  ``i``. One Philox call thus serves 8 elements. A unit is dropped iff its 16-bit value is below
+  ``threshold(p) = round(p * 65536)``, i.e. p is quantised to a multiple of 2**-16 (at most
+  7.6e-6 away from the p asked for; ``p`` itself is still used for the 1/(1-p) scale).
+* ``normal`` (Gaussian noise): element ``i`` reads counter ``offset + i // 2`` and takes words
+  ``2 * (i % 2)`` and ``2 * (i % 2) + 1`` as u1, u2 for one Box-Muller draw.
+
+The counter's high word ``c1`` carries ``(offset + i // 8) >> 32``; ``c2 = c3 = 0``. For counters
+below 2**32 this is exactly ``tl.randint4x(seed, counter)``.
+
+Seeds: an op called without ``seed`` draws a fresh 63-bit seed from torch's generator (the
+global one, or the ``generator`` passed), so ``torch.manual_seed``/``dropkit.manual_seed`` make a
+run repeatable, two calls differ, and ``torch.utils.checkpoint`` (which restores torch's RNG state
+before recomputing) regenerates identical masks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+PHILOX_ROUNDS = 10
+SEED_BOUND = 2**63 - 1
+U16_PER_COUNTER = 8
+THRESHOLD_SCALE = 65536
+
+
+def manual_seed(seed: int, rank: int = 0) -> None:
+    """Seed dropkit's masks and torch's generator (weights, shuffling) so a run repeats exactly.
+
+    ``rank`` gives each process of a distributed job its own stream derived from ``(seed, rank)``
+    (see :func:`derive_seed`); rank 0 uses ``seed`` itself.
+    """
+    check_seed(seed)
+    torch.manual_seed(derive_seed(seed, rank) if rank else seed)
+
+
+def derive_seed(seed: int, stream: int) -> int:
+    """A 63-bit seed for sub-stream ``stream`` of ``seed`` (e.g. one per rank), by hashing both."""
+    digest = hashlib.blake2b(f"{seed}:{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & SEED_BOUND
+
+
+def draw_seed(generator: torch.Generator | None = None) -> torch.Tensor:
+    """A fresh 63-bit seed as a 0-dim int64 tensor, drawn from ``generator`` or torch's global one."""
+    return torch.randint(0, SEED_BOUND, (), generator=generator, dtype=torch.int64)
+
+
+def resolve_seed(seed: int | None, generator: torch.Generator | None) -> torch.Tensor:
+    """The seed an op uses: ``seed`` if given (same seed, same mask), else a fresh draw."""
+    if seed is not None and generator is not None:
+        raise ValueError("pass either seed or generator, not both")
+    if seed is None:
+        return draw_seed(generator)
+    check_seed(seed)
+    return torch.tensor(seed, dtype=torch.int64)
+
+
+def check_seed(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_BOUND:
+        raise ValueError(f"seed must be an int in [0, 2**63 - 1], got {seed!r}")
+
+
+def threshold(p: float) -> int:
+    """The 16-bit drop threshold for probability ``p``: a unit drops iff its u16 value < threshold."""
+    return int(round(p * THRESHOLD_SCALE))
+
+
+def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32-bit words of ``a * m`` for int64 tensors holding uint32 values.
+
+    The 64-bit product would overflow int64, so ``m`` is split into 16-bit halves.
+    """
+    m_hi, m_lo = m >> 16, m & 0xFFFF
+    low_part = a * m_lo
+    mid = a * m_hi + (low_part >> 16)
+    hi = mid >> 16
+    lo = ((mid & 0xFFFF) << 16) | (low_part & 0xFFFF)
+    return hi, lo
+
+
+def philox4x32(
+    counter: torch.Tensor, seed: int, rounds: int = PHILOX_ROUNDS
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox4x32 on a tensor of 64-bit counters; returns the four output words (int64, uint32 values).
+
+    This is the plain-PyTorch ground truth that the compiled kernels must reproduce bit for bit.
+    """
+    zeros = torch.zeros_like(counter)
+    key = (seed & MASK32, (seed >> 32) & MASK32)
+    return philox4x32_block((counter & MASK32, (counter >> 32) & MASK32, zeros, zeros), key, rounds)
+
+
+def philox4x32_block(
+    counter: tuple[torch.Tensor, ...], key: tuple[int, int], rounds: int = PHILOX_ROUNDS
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox4x32 on a full 128-bit counter (four uint32 words in int64 tensors) and 64-bit key."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(rounds):
+        hi0, lo0 = _mulhilo(c0, PHILOX_M0)
+        hi1, lo1 = _mulhilo(c2, PHILOX_M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + PHILOX_W0) & MASK32, (k1 + PHILOX_W1) & MASK32
+    return c0, c1, c2, c3
+
+
+def uniform16(seed: int, offset: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The ``u16`` stream: ``numel`` 16-bit values (int64 tensor) for elements 0..numel-1."""
+    n_counters = -(-numel // U16_PER_COUNTER)
+    words = torch.stack(philox4x32(torch.arange(n_counters, device=device) + offset, seed), dim=1)
+    halves = torch.stack((words & 0xFFFF, words >> 16), dim=2)  # (counter, word, half)
+    return halves.reshape(-1)[:numel]
+
+
+def normal(seed: int, offset: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The ``normal`` stream: ``numel`` standard normal draws (float64) by Box-Muller."""
+    n_counters = -(-numel // 2)
+    w0, w1, w2, w3 = philox4x32(torch.arange(n_counters, device=device) + offset, seed)
+    a = torch.stack((w0, w2), dim=1).reshape(-1)[:numel].double()
+    b = torch.stack((w1, w3), dim=1).reshape(-1)[:numel].double()
+    u1 = (a + 0.5) * 2.0**-32  # in (0, 1): log never sees 0
+    u2 = b * 2.0**-32
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)
