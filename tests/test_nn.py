@@ -1,0 +1,108 @@
+"""The layers (dropkit.nn) and dropkit.convert: modes, validation, repr, mask sharing, weights."""
+
+import pytest
+import torch
+from torch import nn
+
+import dropkit
+from dropkit import nn as dnn
+
+LAYERS = [
+    lambda: dnn.Dropout(0.5),
+    lambda: dnn.Dropout2d(0.5),
+    lambda: dnn.AlphaDropout(0.5),
+    lambda: dnn.FeatureAlphaDropout(0.5),
+    lambda: dnn.GaussianDropout(0.5),
+    lambda: dnn.LockedDropout(0.5),
+    lambda: dnn.DropPath(0.5),
+    lambda: dnn.DropBlock2d(0.5, block_size=3),
+]
+
+
+@pytest.mark.parametrize("make", LAYERS)
+def test_eval_mode_is_identity_and_train_mode_is_not(make):
+    layer = make()
+    x = torch.randn(4, 3, 8, 8)
+    assert not torch.equal(layer(x), x)
+    layer.eval()
+    assert layer(x) is x
+
+
+@pytest.mark.parametrize("cls", [dnn.Dropout, dnn.Dropout1d, dnn.Dropout2d, dnn.Dropout3d, dnn.AlphaDropout,
+                                 dnn.FeatureAlphaDropout, dnn.GaussianDropout, dnn.LockedDropout, dnn.DropPath])
+def test_constructor_validates_p_and_repr_shows_it(cls):
+    with pytest.raises(ValueError, match=r"p must be a probability in \[0, 1\], got 1.2"):
+        cls(1.2)
+    assert "p=0.25" in repr(cls(0.25))
+
+
+def test_p_is_validated_on_assignment():
+    layer = dnn.Dropout(0.1)
+    layer.p = 0.7
+    assert layer.p == 0.7
+    with pytest.raises(ValueError):
+        layer.p = float("nan")
+
+
+def test_repr_shows_every_setting():
+    assert repr(dnn.Dropout(0.3, mask_shape=(None, 1), seed=4)) == "Dropout(p=0.3, seed=4, mask_shape=(None, 1))"
+    assert "batch_first=True" in repr(dnn.LockedDropout(0.3, batch_first=True))
+    assert "block_size=5" in repr(dnn.DropBlock2d(0.1, 5))
+    assert "scale_by_keep=False" in repr(dnn.DropPath(0.1, scale_by_keep=False))
+
+
+def test_block_size_is_validated_in_constructor():
+    with pytest.raises(ValueError, match="block_size must be a positive int"):
+        dnn.DropBlock2d(0.1, 0)
+
+
+def test_mask_shape_is_validated_in_constructor():
+    with pytest.raises(ValueError, match="mask_shape entries"):
+        dnn.Dropout(0.5, mask_shape=(0, 1))
+
+
+def test_layer_seed_gives_a_repeatable_sequence_of_different_masks():
+    a, b = dnn.Dropout(0.5, seed=3), dnn.Dropout(0.5, seed=3)
+    x = torch.ones(256)
+    first = [a(x) for _ in range(3)]
+    assert all(torch.equal(u, b(x)) for u in first)
+    assert not torch.equal(first[0], first[1])
+
+
+def test_weight_dropout_drops_weights_and_keeps_state_dict():
+    lstm = nn.LSTM(5, 8)
+    wrapped = dnn.WeightDropout(lstm, ["weight_hh_l0"], 0.5)
+    assert set(wrapped.module.state_dict()) == set(nn.LSTM(5, 8).state_dict())
+    x = torch.randn(6, 2, 5)
+    out, _ = wrapped(x)
+    out.sum().backward()
+    grad = lstm.weight_hh_l0.grad
+    assert 0.3 < float((grad == 0).float().mean()) < 0.7  # dropped weights get no gradient
+    assert lstm.weight_ih_l0.grad.abs().sum() > 0
+    wrapped.eval()
+    assert torch.equal(wrapped(x)[0], lstm(x)[0])
+
+
+def test_weight_dropout_rejects_unknown_names():
+    with pytest.raises(ValueError, match="not parameters of Linear"):
+        dnn.WeightDropout(nn.Linear(2, 2), ["weight_hh_l0"], 0.5)
+
+
+def test_convert_replaces_every_torch_dropout_in_place():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.Dropout2d(0.2), nn.Flatten(),
+        nn.Sequential(nn.Linear(4 * 6 * 6, 10), nn.Dropout(0.4), nn.AlphaDropout(0.1)), nn.Linear(10, 2),
+    )
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    x = torch.randn(3, 1, 8, 8)
+    before = model(x)
+    assert dropkit.convert(model) == 3
+    assert isinstance(model[1], dnn.Dropout2d) and model[1].p == 0.2
+    assert isinstance(model[3][1], dnn.Dropout) and model[3][1].p == 0.4
+    assert isinstance(model[3][2], dnn.AlphaDropout)
+    assert not model[1].training
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(model(x), before)
+    assert dropkit.convert(model) == 0
