@@ -20,7 +20,7 @@ from dropkit import functional as DF
 from dropkit.rng import check_seed
 
 
-class _DropoutLayer(nn.Module):
+class DropoutLayer(nn.Module):
     """Common settings of the dropout layers: the rate ``p`` and the random source."""
 
     def __init__(self, p: float = 0.5, *, seed: int | None = None) -> None:
@@ -45,7 +45,7 @@ class _DropoutLayer(nn.Module):
         return text if self.seed is None else f"{text}, seed={self.seed}"
 
 
-class _MaskShapeLayer(_DropoutLayer):
+class _MaskShapeLayer(DropoutLayer):
     """A layer whose mask shape can be set (Keras's ``noise_shape``)."""
 
     def __init__(self, p: float = 0.5, *, mask_shape: Sequence[int | None] | None = None,
@@ -81,7 +81,7 @@ class Dropout(_MaskShapeLayer):
         return DF.dropout(x, self.p, training=self.training, mask_shape=self.mask_shape, generator=self.generator)
 
 
-class _ChannelDropout(_DropoutLayer):
+class _ChannelDropout(DropoutLayer):
     spatial_dims: int
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,7 +120,7 @@ class AlphaDropout(_MaskShapeLayer):
                                 generator=self.generator)
 
 
-class FeatureAlphaDropout(_DropoutLayer):
+class FeatureAlphaDropout(DropoutLayer):
     """Alpha dropout with one draw per channel of a (N, C, ...) input."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,7 +135,7 @@ class GaussianDropout(_MaskShapeLayer):
                                    generator=self.generator)
 
 
-class LockedDropout(_DropoutLayer):
+class LockedDropout(DropoutLayer):
     """Locked (variational) dropout for RNNs: one mask per sequence, the same at every time step
     (Gal & Ghahramani 2016; AWD-LSTM). Input (T, N, F), or (N, T, F) with ``batch_first``.
 
@@ -156,7 +156,7 @@ class LockedDropout(_DropoutLayer):
         return f"{super().extra_repr()}, batch_first={self.batch_first}"
 
 
-class DropPath(_DropoutLayer):
+class DropPath(DropoutLayer):
     """DropPath / stochastic depth (Huang et al. 2016): drops a residual branch per sample.
 
     Example:
@@ -176,7 +176,7 @@ class DropPath(_DropoutLayer):
         return f"{super().extra_repr()}, scale_by_keep={self.scale_by_keep}"
 
 
-class DropBlock2d(_DropoutLayer):
+class DropBlock2d(DropoutLayer):
     """DropBlock (Ghiasi et al. 2018): drops contiguous square blocks of each feature map.
 
     ``block_size`` is checked against the feature map when the layer runs.
