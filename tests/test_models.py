@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from dropkit.models import MODELS, RowLSTM, build_model, output_layer
+from dropkit.models import MODELS, RowLSTM, build_model, main_rate, output_layer
 from dropkit.nn import Dropout, Dropout2d, LockedDropout, WeightDropout
 
 DROPOUTS = (Dropout, Dropout2d, LockedDropout, WeightDropout)
@@ -88,6 +88,13 @@ def test_p_sets_the_main_rate_of_each_model():
     assert _rates(build_model("cnn", p=0.4, p_channel=0.2)) == [0.2, 0.2, 0.4]
     assert _rates(build_model("lstm", p=0.4, p_input=0.1, layers=2)) == [0.1, 0.4, 0.4]
     assert _rates(build_model("srivastava_mlp")) == [0.2, 0.5, 0.5, 0.5]  # Srivastava et al. 2014 defaults
+
+
+@pytest.mark.parametrize(("name", "kwargs"), VARIANTS, ids=IDS)
+def test_main_rate_reports_what_build_model_sets(name, kwargs):
+    main = [m.p for m in build_model(name, **kwargs).modules() if isinstance(m, DROPOUTS)][-1]
+    assert main_rate(name, **kwargs) == main
+    assert main_rate(name, 0.3, **kwargs) == 0.3
 
 
 def test_srivastava_mlp_has_the_paper_shape():

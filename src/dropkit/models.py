@@ -31,6 +31,7 @@ __all__ = [
     "build_model",
     "cnn",
     "lstm",
+    "main_rate",
     "output_layer",
     "srivastava_mlp",
     "tutorial_mlp",
@@ -198,6 +199,16 @@ def build_model(name: str, p: float | None = None, **kwargs: Any) -> nn.Module:
     if unknown:
         raise ValueError(f"model {name!r} has no argument {', '.join(unknown)} (it takes: {', '.join(accepted)})")
     return builder(**kwargs)
+
+
+def main_rate(name: str, p: float | None = None, **kwargs: Any) -> float:
+    """The main dropout rate that ``build_model(name, p, **kwargs)`` gives the model (its default if unset)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
+    builder, rate_arg = MODELS[name]
+    if p is not None:
+        return p
+    return kwargs.get(rate_arg, inspect.signature(builder).parameters[rate_arg].default)
 
 
 def output_layer(model: nn.Module) -> nn.Linear:

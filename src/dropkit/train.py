@@ -1,0 +1,481 @@
+"""The training loop: one model, one dataset, one setting, measured every epoch and resumable.
+
+:func:`train` is what ``dropkit train`` runs and what comparisons and sweeps call once per
+setting. Every epoch it records, in ``metrics.jsonl``:
+
+* ``train_loss``/``train_acc``: averaged over the epoch's batches *in training mode*, i.e. with
+  dropout active (the network the optimiser actually sees);
+* ``val_*`` and ``test_*``: in eval mode, every unit present; the validation set is carved out
+  of the training set (:func:`dropkit.data.split_validation`) and is what choices are made on,
+  the test set gives the final figure;
+* ``gap``: ``train_acc - test_acc``, the generalisation gap dropout is meant to shrink;
+* ``lr``, ``p`` (the model's main dropout rate), ``seconds`` (the training pass; evaluation is
+  ``eval_seconds``), and memory: ``peak_rss_mib``, the process's peak resident set size so far
+  (``getrusage``; whole process: data, Python, torch; it never goes down, so it is an upper
+  bound for any one run in a process that ran several), and ``saved_mib``, the tensors autograd
+  keeps for backward in one training batch (activations and masks, parameters excluded),
+  measured on the epoch's first batch: the part of memory that dropout's masks change.
+
+A checkpoint (model, optimiser, scheduler, RNG states, metrics so far) is written atomically
+after every epoch, so ``resume=True`` after a kill ends with exactly the figures the
+uninterrupted run would have produced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import resource
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import dropkit
+from dropkit import rng
+from dropkit.data import BatchIterator, Split, load_dataset, normalise, split_validation
+from dropkit.models import build_model, main_rate, output_layer
+
+__all__ = [
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "TrainConfig",
+    "TrainResult",
+    "apply_max_norm",
+    "evaluate",
+    "hidden_linears",
+    "iter_metrics",
+    "load_splits",
+    "peak_rss_mib",
+    "train",
+]
+
+OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
+SCHEDULES = ("none", "cosine", "step")
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+#: sub-stream of the run's seed that shuffles the training batches (see dropkit.rng.derive_seed)
+SHUFFLE_STREAM = 1
+#: the validation split does not depend on the run's seed: every run is judged on the same examples
+VAL_SPLIT_SEED = 0
+EVAL_BATCH = 1000
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a run; two runs with equal configs produce equal metrics.
+
+    ``p`` sets the model's main dropout rate (see :func:`dropkit.models.build_model`); None keeps
+    the model's default. ``max_norm``: after every step, each hidden Linear's incoming weight vector
+    (one row per unit) is rescaled to norm <= ``max_norm`` (Srivastava et al. 2014, JMLR, sec. 5.1:
+    with dropout it allows large learning rates without weights blowing up; they used c of 3-4).
+    ``limit_train``/``limit_test`` keep the first N examples, for quick runs and tests.
+    """
+
+    model: str = "tutorial_mlp"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    p: float | None = None
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    max_norm: float | None = None
+    schedule: str = "none"
+    step_epochs: int = 10
+    step_gamma: float = 0.1
+    epochs: int = 10
+    batch_size: int = 128
+    seed: int = 0
+    val_size: int = 5000
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    limit_train: int | None = None
+    limit_test: int | None = None
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first setting outside its allowed range."""
+        if self.p is not None and not 0.0 <= self.p <= 1.0:  # also refuses NaN
+            raise ValueError(f"p must be in [0, 1], got {self.p}")
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_positive("lr", self.lr)
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.optimizer == "nesterov" and self.momentum == 0:
+            raise ValueError("optimizer nesterov needs momentum in (0, 1), got 0")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_norm is not None:
+            _check_positive("max_norm", self.max_norm)
+        if not 0.0 < self.step_gamma <= 1.0:
+            raise ValueError(f"step_gamma must be in (0, 1], got {self.step_gamma}")
+        for name in ("step_epochs", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.val_size < 0:
+            raise ValueError(f"val_size must be >= 0, got {self.val_size}")
+        for name in ("limit_train", "limit_test"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 (or unset for all examples), got {value}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63 - 1], got {self.seed}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as JSON-ready data (tuples become lists, as they would in config.json)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+
+@dataclass
+class TrainResult:
+    """A finished run: its config, one metrics dict per epoch, the trained model (left in eval mode)
+    and the folder it was written to (if any)."""
+
+    config: TrainConfig
+    history: list[dict[str, Any]]
+    model: nn.Module
+    out_dir: Path | None = None
+
+    @property
+    def final(self) -> dict[str, Any]:
+        """The last epoch's metrics."""
+        return self.history[-1]
+
+    @property
+    def best_val(self) -> dict[str, Any] | None:
+        """The epoch with the highest validation accuracy (None without a validation set)."""
+        if self.config.val_size == 0:
+            return None
+        return max(self.history, key=lambda row: row["val_acc"])
+
+    def summary(self) -> dict[str, Any]:
+        """What result.json holds: final figures, best validation epoch, mean seconds per epoch."""
+        return {
+            "config": self.config.to_dict(),
+            "epochs": len(self.history),
+            "final": self.final,
+            "best_val": self.best_val,
+            "seconds_per_epoch": sum(row["seconds"] for row in self.history) / len(self.history),
+            "versions": {"dropkit": dropkit.__version__, "torch": torch.__version__},
+            "threads": torch.get_num_threads(),
+        }
+
+
+@functools.lru_cache(maxsize=1)
+def load_splits(
+    dataset: str, data_dir: str | None, val_size: int, limit_train: int | None, limit_test: int | None
+) -> tuple[Split, Split, Split]:
+    """Normalised ``(train, val, test)`` splits for a config; cached so that runs in a row load once.
+
+    The validation set is carved out of the full training set before ``limit_train`` applies,
+    so it is the same whatever slice is trained on.
+    """
+    ds = load_dataset(dataset, data_dir)
+    train_part, val = split_validation(ds.train, val_size, seed=VAL_SPLIT_SEED)
+    return normalise(train_part.head(limit_train), val, ds.test.head(limit_test))
+
+
+def apply_max_norm(layers: Iterable[nn.Linear], max_norm: float) -> None:
+    """Rescale each unit's incoming weights (each row of ``weight``) to L2 norm <= ``max_norm``.
+
+    The max-norm constraint of Srivastava et al. 2014 (JMLR 15, sec. 5.1), applied as a projection
+    after each optimiser step; rows already inside the ball are left as they are.
+    """
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.copy_(torch.renorm(layer.weight, 2, 0, max_norm))
+
+
+def hidden_linears(model: nn.Module) -> list[nn.Linear]:
+    """Every ``nn.Linear`` except the output layer: the units that max-norm constrains."""
+    out = output_layer(model)
+    return [m for m in model.modules() if isinstance(m, nn.Linear) and m is not out]
+
+
+def _make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params, lr, wd = model.parameters(), config.lr, config.weight_decay
+    if config.optimizer in ("sgd", "nesterov"):
+        nesterov = config.optimizer == "nesterov"
+        return torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=wd, nesterov=nesterov)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+
+
+def _make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """A per-epoch schedule: cosine from lr to 0 over ``epochs``, or x``step_gamma`` every ``step_epochs``."""
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    if config.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_epochs, gamma=config.step_gamma)
+    return None
+
+
+class _SavedForBackward:
+    """Counts the bytes autograd saves for backward, once per storage, parameters excluded."""
+
+    def __init__(self, params: Iterable[torch.Tensor]) -> None:
+        self.skip = {p.untyped_storage().data_ptr() for p in params}
+        self.storages: dict[int, int] = {}
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self.skip:
+            self.storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    @property
+    def mib(self) -> float:
+        return sum(self.storages.values()) / 2**20
+
+
+def peak_rss_mib() -> float:
+    """The process's peak resident set size so far, in MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def _train_epoch(
+    model: nn.Module,
+    batches: BatchIterator,
+    optimizer: torch.optim.Optimizer,
+    constrained: list[nn.Linear],
+    max_norm: float | None,
+    progress: tqdm,
+) -> dict[str, float]:
+    """One pass over the training batches in training mode; returns loss, accuracy, saved_mib."""
+    model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    saved = _SavedForBackward(model.parameters())
+    for i, (x, y) in enumerate(batches):
+        if i == 0:
+            with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+        else:
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if max_norm is not None:
+            apply_max_norm(constrained, max_norm)
+        loss_sum += loss.item() * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+        progress.update(1)
+        if i % 20 == 0:
+            progress.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}", refresh=False)
+    return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "saved_mib": saved.mib}
+
+
+def evaluate(model: nn.Module, split: Split) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy on ``split`` in eval mode (every unit, no dropout)."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    with torch.inference_mode():
+        for x, y in BatchIterator(split, EVAL_BATCH, shuffle=False):
+            logits = model(x)
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+    return loss_sum / len(split), correct / len(split)
+
+
+def _module_generators(model: nn.Module) -> dict[str, torch.Generator]:
+    """Generators owned by layers built with their own ``seed`` (their state is not in state_dict)."""
+    return {name: m.generator for name, m in model.named_modules() if isinstance(getattr(m, "generator", None), torch.Generator)}
+
+
+def _rng_state(model: nn.Module, shuffle: torch.Generator) -> dict[str, Any]:
+    """Every random state a run draws from. dropkit's masks take their seeds from torch's global
+    generator (see dropkit.rng) unless a layer has its own, so these cover them."""
+    return {
+        "torch": torch.get_rng_state(),
+        "shuffle": shuffle.get_state(),
+        "layers": {name: g.get_state() for name, g in _module_generators(model).items()},
+    }
+
+
+def _set_rng_state(state: dict[str, Any], model: nn.Module, shuffle: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    shuffle.set_state(state["shuffle"])
+    for name, generator in _module_generators(model).items():
+        generator.set_state(state["layers"][name])
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through ``write(tmp_path)`` then rename over ``path``: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def _check_resumable(saved: dict[str, Any], done: int, config: TrainConfig) -> None:
+    """A checkpoint may only be continued with the config it was made with (``epochs`` may grow
+    when the learning-rate schedule does not depend on it)."""
+    new = config.to_dict()
+    differ = sorted(k for k in new if k != "epochs" and new[k] != saved.get(k))
+    if differ:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {new[k]!r}" for k in differ)
+        raise ValueError(f"cannot resume: the checkpoint was made with other settings ({detail})")
+    if done > config.epochs:
+        raise ValueError(f"cannot resume: the checkpoint already holds {done} epochs, more than epochs={config.epochs}")
+    if config.schedule == "cosine" and saved["epochs"] != config.epochs:
+        raise ValueError(f"cannot resume: epochs {saved['epochs']} -> {config.epochs} would change the cosine schedule")
+
+
+def train(
+    config: TrainConfig, out_dir: str | os.PathLike | None = None, *, resume: bool = False, quiet: bool = False
+) -> TrainResult:
+    """Train ``config.model`` on ``config.dataset``; write metrics and checkpoints to ``out_dir`` if given.
+
+    With ``resume=True`` a run continues from ``out_dir``'s checkpoint (a fresh start when there is
+    none) and ends with the same figures as an uninterrupted run. Without it, ``out_dir`` is
+    overwritten. The progress bar goes to stderr, and only when it is a terminal and not ``quiet``.
+    """
+    config.validate()
+    if resume and out_dir is None:
+        raise ValueError("resume needs an output folder (out_dir) holding the run's checkpoint")
+    rate = main_rate(config.model, config.p, **config.model_kwargs)
+    train_split, val_split, test_split = load_splits(
+        config.dataset, config.data_dir, config.val_size, config.limit_train, config.limit_test
+    )
+    rng.manual_seed(config.seed)
+    model = build_model(config.model, config.p, **config.model_kwargs)
+    optimizer = _make_optimizer(config, model)
+    scheduler = _make_scheduler(config, optimizer)
+    shuffle = torch.Generator().manual_seed(rng.derive_seed(config.seed, SHUFFLE_STREAM))
+    history: list[dict[str, Any]] = []
+    out = Path(out_dir) if out_dir is not None else None
+
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume and (out / CHECKPOINT).exists():
+            history = _load_checkpoint(out / CHECKPOINT, config, model, optimizer, scheduler, shuffle)
+        _write_text(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+        _write_text(out / METRICS, "".join(json.dumps(row) + "\n" for row in history))
+
+    batches = BatchIterator(train_split, config.batch_size, generator=shuffle)
+    constrained = hidden_linears(model) if config.max_norm is not None else []
+    for epoch in range(len(history) + 1, config.epochs + 1):
+        lr = optimizer.param_groups[0]["lr"]
+        start = time.perf_counter()
+        with _progress(len(batches), f"epoch {epoch}/{config.epochs} p={rate:g}", quiet) as bar:
+            fit = _train_epoch(model, batches, optimizer, constrained, config.max_norm, bar)
+        seconds = time.perf_counter() - start
+        if scheduler is not None:
+            scheduler.step()
+        row = _epoch_row(epoch, rate, lr, fit, _evaluate_all(model, val_split, test_split), seconds)
+        history.append(row)
+        if out is not None:
+            with open(out / METRICS, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            _save_checkpoint(out / CHECKPOINT, config, model, optimizer, scheduler, shuffle, history)
+
+    model.eval()
+    result = TrainResult(config, history, model, out)
+    if out is not None:
+        _write_text(out / "result.json", json.dumps(result.summary(), indent=2) + "\n")
+    return result
+
+
+def _evaluate_all(model: nn.Module, val: Split, test: Split) -> dict[str, Any]:
+    """Eval-mode loss and accuracy on the validation set (None when it is empty) and the test set."""
+    start = time.perf_counter()
+    val_loss, val_acc = evaluate(model, val) if len(val) else (None, None)
+    test_loss, test_acc = evaluate(model, test)
+    return {"val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc,
+            "eval_seconds": time.perf_counter() - start}
+
+
+def _epoch_row(
+    epoch: int, p: float, lr: float, fit: dict[str, float], scores: dict[str, Any], seconds: float
+) -> dict[str, Any]:
+    """One line of metrics.jsonl, keys in reading order (see the module docstring for each one)."""
+    return {
+        "epoch": epoch, "p": p, "lr": lr,
+        "train_loss": fit["train_loss"], "train_acc": fit["train_acc"],
+        "val_loss": scores["val_loss"], "val_acc": scores["val_acc"],
+        "test_loss": scores["test_loss"], "test_acc": scores["test_acc"],
+        "gap": fit["train_acc"] - scores["test_acc"],
+        "seconds": seconds, "eval_seconds": scores["eval_seconds"],
+        "peak_rss_mib": peak_rss_mib(), "saved_mib": fit["saved_mib"],
+    }
+
+
+def _progress(total: int, desc: str, quiet: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=True, dynamic_ncols=True,
+                disable=quiet or not sys.stderr.isatty())
+
+
+def _save_checkpoint(
+    path: Path,
+    config: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    shuffle: torch.Generator,
+    history: list[dict[str, Any]],
+) -> None:
+    """Everything needed to continue the run, as plain tensors and containers (``weights_only``-loadable)."""
+    state = {
+        "config": config.to_dict(),
+        "epoch": len(history),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": _rng_state(model, shuffle),
+        "history": history,
+    }
+    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def _load_checkpoint(
+    path: Path,
+    config: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    shuffle: torch.Generator,
+) -> list[dict[str, Any]]:
+    """Restore a run from ``path`` into the objects given; returns the metrics of the epochs done."""
+    state = torch.load(path, weights_only=True)
+    _check_resumable(state["config"], state["epoch"], config)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"], model, shuffle)
+    return state["history"]
+
+
+def iter_metrics(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    """The rows of a run's ``metrics.jsonl`` (or of the file itself when given), one dict per epoch."""
+    path = Path(path)
+    with open(path / METRICS if path.is_dir() else path) as handle:
+        for line in handle:
+            yield json.loads(line)

@@ -1,0 +1,196 @@
+"""dropkit.train: repeatable and resumable runs, the metrics and files written, max-norm, settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from dropkit import train as training
+from dropkit.models import build_model
+from dropkit.train import TrainConfig, apply_max_norm, evaluate, hidden_linears, iter_metrics, load_splits, train
+
+#: a small MNIST slice: a run of 2 epochs takes well under a second
+SMALL = dict(limit_train=2000, limit_test=500, val_size=500, epochs=2)
+#: metrics that measure the machine, not the run: they legitimately differ between equal runs
+TIMINGS = ("seconds", "eval_seconds", "peak_rss_mib")
+
+
+def figures(history: list[dict]) -> list[dict]:
+    """The per-epoch metrics that a repeated or resumed run must reproduce exactly."""
+    return [{k: v for k, v in row.items() if k not in TIMINGS} for row in history]
+
+
+def test_same_seed_same_figures_other_seed_other_figures():
+    first = train(TrainConfig(**SMALL), quiet=True)
+    again = train(TrainConfig(**SMALL), quiet=True)
+    other = train(TrainConfig(**SMALL, seed=1), quiet=True)
+    assert figures(first.history) == figures(again.history)
+    assert figures(first.history) != figures(other.history)
+
+
+def test_a_short_run_learns_and_reports_every_metric():
+    result = train(TrainConfig(**SMALL, p=0.2), quiet=True)
+    assert [row["epoch"] for row in result.history] == [1, 2]
+    final = result.final
+    assert final["test_acc"] > 0.8 and final["val_acc"] > 0.8  # chance is 0.1; 32 Adam steps on MNIST give ~0.85
+    assert final["train_loss"] < result.history[0]["train_loss"]
+    assert final["gap"] == pytest.approx(final["train_acc"] - final["test_acc"])
+    assert final["p"] == 0.2 and final["lr"] == 1e-3
+    assert final["seconds"] > 0 and final["peak_rss_mib"] > 50 and final["saved_mib"] > 0
+    assert not result.model.training
+    test = load_splits("mnist", None, 500, 2000, 500)[2]
+    assert evaluate(result.model, test) == (pytest.approx(final["test_loss"]), final["test_acc"])
+
+
+def test_out_dir_holds_config_metrics_result_and_a_loadable_checkpoint(tmp_path):
+    result = train(TrainConfig(**SMALL), tmp_path, quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl", "result.json"]
+    assert json.loads((tmp_path / "config.json").read_text()) == TrainConfig(**SMALL).to_dict()
+    assert list(iter_metrics(tmp_path)) == result.history
+    summary = json.loads((tmp_path / "result.json").read_text())
+    assert summary["final"] == result.final and summary["epochs"] == 2
+    assert summary["best_val"]["val_acc"] == max(row["val_acc"] for row in result.history)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["history"] == result.history
+    model = build_model("tutorial_mlp")
+    model.load_state_dict(state["model"])
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), result.model.state_dict().values()))
+
+
+def test_resume_extends_a_finished_run_to_the_uninterrupted_figures(tmp_path):
+    straight = train(TrainConfig(**SMALL), tmp_path / "a", quiet=True)
+    train(TrainConfig(**{**SMALL, "epochs": 1}), tmp_path / "b", quiet=True)
+    resumed = train(TrainConfig(**SMALL), tmp_path / "b", resume=True, quiet=True)
+    assert figures(resumed.history) == figures(straight.history)
+    assert figures(list(iter_metrics(tmp_path / "b"))) == figures(straight.history)
+
+
+class Killed(Exception):
+    """Stands for the process being killed in the middle of an epoch."""
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(optimizer="nesterov", lr=0.05, schedule="cosine", max_norm=2.0, epochs=3),
+        dict(optimizer="adamw", weight_decay=0.01, schedule="step", step_epochs=1, step_gamma=0.5, epochs=3),
+        dict(model="lstm", model_kwargs={"hidden": 16, "layers": 1, "p_weight": 0.3}, epochs=2, limit_train=300),
+    ],
+    ids=["sgd-cosine-maxnorm", "adamw-step", "lstm-weightdrop"],
+)
+def test_resume_after_a_kill_ends_where_the_uninterrupted_run_ends(tmp_path, monkeypatch, settings):
+    config = TrainConfig(**{**SMALL, **settings})
+    straight = train(config, tmp_path / "straight", quiet=True)
+
+    real_train_epoch = training._train_epoch
+    calls = []
+
+    def killed_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Killed
+        return real_train_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(training, "_train_epoch", killed_in_second_epoch)
+    with pytest.raises(Killed):
+        train(config, tmp_path / "killed", quiet=True)
+    monkeypatch.undo()
+    assert len(list(iter_metrics(tmp_path / "killed"))) == 1
+    torch.manual_seed(12345)  # a resumed process starts from some other random state
+    resumed = train(config, tmp_path / "killed", resume=True, quiet=True)
+    assert figures(resumed.history) == figures(straight.history)
+
+
+def test_resume_without_a_checkpoint_starts_afresh(tmp_path):
+    resumed = train(TrainConfig(**SMALL), tmp_path, resume=True, quiet=True)
+    assert figures(resumed.history) == figures(train(TrainConfig(**SMALL), quiet=True).history)
+
+
+def test_resume_refuses_what_it_cannot_continue(tmp_path):
+    train(TrainConfig(**SMALL), tmp_path, quiet=True)
+    with pytest.raises(ValueError, match=r"lr: 0\.001 -> 0\.01"):
+        train(TrainConfig(**SMALL, lr=0.01), tmp_path, resume=True, quiet=True)
+    with pytest.raises(ValueError, match="already holds 2 epochs"):
+        train(TrainConfig(**{**SMALL, "epochs": 1}), tmp_path, resume=True, quiet=True)
+    with pytest.raises(ValueError, match="out_dir"):
+        train(TrainConfig(**SMALL), resume=True, quiet=True)
+    cosine = tmp_path / "cosine"
+    train(TrainConfig(**{**SMALL, "epochs": 1}, schedule="cosine"), cosine, quiet=True)
+    with pytest.raises(ValueError, match="cosine"):
+        train(TrainConfig(**SMALL, schedule="cosine"), cosine, resume=True, quiet=True)
+
+
+@pytest.mark.parametrize(
+    ("settings", "lrs"),
+    [
+        (dict(schedule="none"), [0.1, 0.1, 0.1]),
+        (dict(schedule="cosine"), [0.1, 0.075, 0.025]),
+        (dict(schedule="step", step_epochs=2, step_gamma=0.5), [0.1, 0.1, 0.05]),
+    ],
+)
+def test_learning_rate_schedules(settings, lrs):
+    config = TrainConfig(**{**SMALL, "epochs": 3, "limit_train": 256}, optimizer="sgd", lr=0.1, **settings)
+    assert [row["lr"] for row in train(config, quiet=True).history] == pytest.approx(lrs)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "nesterov", "adam", "adamw"])
+def test_every_optimizer_trains(optimizer):
+    lr = 1e-3 if optimizer.startswith("adam") else 0.05
+    result = train(TrainConfig(**{**SMALL, "epochs": 1}, optimizer=optimizer, lr=lr, weight_decay=1e-4), quiet=True)
+    assert result.final["test_acc"] > 0.7
+
+
+def test_apply_max_norm_caps_long_rows_and_leaves_short_ones():
+    layer = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[3.0, 4.0, 0.0], [0.3, 0.4, 0.0]]))
+    apply_max_norm([layer], 1.0)
+    assert torch.allclose(layer.weight, torch.tensor([[0.6, 0.8, 0.0], [0.3, 0.4, 0.0]]))
+
+
+def test_max_norm_constrains_hidden_units_but_not_the_output_layer():
+    config = TrainConfig(**{**SMALL, "epochs": 1}, model="srivastava_mlp", model_kwargs={"width": 64, "depth": 2},
+                         optimizer="sgd", lr=0.5, max_norm=0.5)
+    model = train(config, quiet=True).model
+    hidden = hidden_linears(model)
+    assert len(hidden) == 2 and model[-1] not in hidden
+    assert all(layer.weight.norm(dim=1).max() <= 0.5 + 1e-5 for layer in hidden)
+    assert model[-1].weight.norm(dim=1).max() > 0.5  # the output layer is free
+
+
+def test_without_validation_set_val_figures_are_none(idx_folder):
+    config = TrainConfig(dataset="fake", data_dir=str(idx_folder), val_size=0, epochs=1, batch_size=16)
+    result = train(config, quiet=True)
+    assert result.final["val_acc"] is None and result.best_val is None
+    assert math.isfinite(result.final["test_loss"])
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("p", 1.5, r"p must be in \[0, 1\], got 1.5"),
+        ("p", float("nan"), r"p must be in \[0, 1\]"),
+        ("optimizer", "rmsprop", "optimizer must be one of sgd, nesterov, adam, adamw"),
+        ("schedule", "linear", "schedule must be one of none, cosine, step"),
+        ("lr", 0.0, "lr must be a finite number > 0"),
+        ("momentum", 1.0, r"momentum must be in \[0, 1\)"),
+        ("max_norm", -1.0, "max_norm must be a finite number > 0"),
+        ("epochs", 0, "epochs must be >= 1"),
+        ("batch_size", 0, "batch_size must be >= 1"),
+        ("limit_train", 0, "limit_train must be >= 1"),
+        ("val_size", -1, "val_size must be >= 0"),
+    ],
+)
+def test_bad_settings_are_refused_with_their_range(field, value, message):
+    config = dataclasses.replace(TrainConfig(), **{field: value})
+    with pytest.raises(ValueError, match=message):
+        train(config, quiet=True)
+
+
+def test_nesterov_needs_momentum():
+    with pytest.raises(ValueError, match="nesterov needs momentum"):
+        TrainConfig(optimizer="nesterov", momentum=0.0).validate()
