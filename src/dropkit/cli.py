@@ -14,6 +14,7 @@ from collections.abc import Sequence
 #: subcommand name -> module (under dropkit.commands) that defines it
 SUBCOMMANDS: dict[str, str] = {
     "train": "dropkit.commands.train",
+    "compare": "dropkit.commands.compare",
 }
 
 
