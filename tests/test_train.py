@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 
 import pytest
 import torch
 
+from dropkit import data
 from dropkit import train as training
+from dropkit.cli import main
 from dropkit.models import build_model
 from dropkit.train import TrainConfig, apply_max_norm, evaluate, hidden_linears, iter_metrics, load_splits, train
 
@@ -48,7 +51,8 @@ def test_a_short_run_learns_and_reports_every_metric():
 
 def test_out_dir_holds_config_metrics_result_and_a_loadable_checkpoint(tmp_path):
     result = train(TrainConfig(**SMALL), tmp_path, quiet=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl", "result.json"]
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["checkpoint.pt", "config.json", "metrics.jsonl", "result.json"]  # no temporary files left
     assert json.loads((tmp_path / "config.json").read_text()) == TrainConfig(**SMALL).to_dict()
     assert list(iter_metrics(tmp_path)) == result.history
     summary = json.loads((tmp_path / "result.json").read_text())
@@ -194,3 +198,68 @@ def test_bad_settings_are_refused_with_their_range(field, value, message):
 def test_nesterov_needs_momentum():
     with pytest.raises(ValueError, match="nesterov needs momentum"):
         TrainConfig(optimizer="nesterov", momentum=0.0).validate()
+
+
+# --- the `dropkit train` command -------------------------------------------------------------
+
+CLI_SMALL = ["--epochs", "1", "--limit-train", "1000", "--limit-test", "300", "--val-size", "300", "--quiet"]
+
+
+def test_cli_trains_each_rate_and_prints_one_table(tmp_path, capsys):
+    assert main(["train", "--p", "0", "0.5", *CLI_SMALL, "--out", str(tmp_path)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(table) if line.split()[:3] == ["p", "train", "acc"])
+    assert [line.split()[0] for line in table[header + 1 : header + 3]] == ["0", "0.5"]
+    assert {"test", "gap", "s/epoch"} <= set(table[header].split())
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [run["final"]["p"] for run in summary["runs"]] == [0.0, 0.5]
+    assert [run["out_dir"] for run in summary["runs"]] == [str(tmp_path / "p=0"), str(tmp_path / "p=0.5")]
+    library = train(TrainConfig(p=0.5, epochs=1, limit_train=1000, limit_test=300, val_size=300), quiet=True)
+    assert figures(list(iter_metrics(tmp_path / "p=0.5"))) == figures(library.history)  # same seed, same run
+    assert f"{100 * library.final['test_acc']:.2f}%" in table[header + 2]
+
+
+def test_cli_passes_model_arguments_and_resumes(tmp_path, capsys):
+    args = ["train", "--model", "srivastava_mlp", "--model-arg", "width=32", "--model-arg", "depth=1",
+            "--max-norm", "3", "--optimizer", "sgd", "--lr", "0.05", *CLI_SMALL, "--out", str(tmp_path)]
+    assert main(args) == 0
+    config = json.loads((tmp_path / "p=0.5" / "config.json").read_text())
+    assert config["model_kwargs"] == {"width": 32, "depth": 1} and config["max_norm"] == 3.0
+    assert main([*args, "--epochs", "2", "--resume"]) == 0
+    assert [row["epoch"] for row in iter_metrics(tmp_path / "p=0.5")] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--p", "0", "1.5"], r"argument --p: must be in \[0, 1\], got 1.5"),
+        (["--lr", "-1"], "argument --lr: must be > 0"),
+        (["--momentum", "1"], r"argument --momentum: must be in \[0, 1\)"),
+        (["--epochs", "0"], "argument --epochs: must be an integer >= 1"),
+        (["--optimizer", "rmsprop"], "argument --optimizer: invalid choice"),
+        (["--model-arg", "width"], "argument --model-arg: expected KEY=VALUE"),
+    ],
+)
+def test_cli_rejects_bad_arguments_naming_them(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *argv])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--p", "0.5", "0.5"], "--p values must differ"),
+        (["--resume"], "--resume needs --out"),
+        (["--optimizer", "nesterov", "--momentum", "0"], "nesterov needs momentum"),
+        (["--model-arg", "widht=3"], "has no argument widht"),
+        (["--dataset", "fashion-mnist"], "apt-get install dataset-fashion-mnist"),
+    ],
+)
+def test_cli_reports_errors_without_a_traceback(argv, message, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(data, "FASHION_MNIST_DEBIAN", tmp_path / "absent")
+    monkeypatch.delenv(data.DATA_ENV, raising=False)
+    assert main(["train", *CLI_SMALL, *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dropkit train: error:") and message in err

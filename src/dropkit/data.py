@@ -172,7 +172,8 @@ def load_idx_folder(path: str | os.PathLike, name: str | None = None) -> ImageDa
     files = {role: _find_idx_file(folder, stem, rank) for role, (stem, rank) in _ROLES.items()}
     arrays = {role: read_idx(file) for role, file in files.items()}
     for part in ("train", "test"):
-        _check_pair(files[f"{part}_images"], arrays[f"{part}_images"], files[f"{part}_labels"], arrays[f"{part}_labels"])
+        images, labels = f"{part}_images", f"{part}_labels"
+        _check_pair(files[images], arrays[images], files[labels], arrays[labels])
     if arrays["train_images"].shape[1:] != arrays["test_images"].shape[1:]:
         raise ValueError(
             f"{files['train_images']} holds images of size {tuple(arrays['train_images'].shape[1:])} but "
@@ -236,7 +237,9 @@ def split_validation(train: Split, val_size: int = 5000, seed: int = 0) -> tuple
     are then compared on identical held-out data, and the test set is kept for the final figure.
     """
     if not 0 <= val_size < len(train):
-        raise ValueError(f"val_size must be in [0, {len(train) - 1}] for {len(train)} training examples, got {val_size}")
+        raise ValueError(
+            f"val_size must be in [0, {len(train) - 1}] for {len(train)} training examples, got {val_size}"
+        )
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = order[:val_size].sort().values, order[val_size:].sort().values
     return Split(train.images[train_idx], train.labels[train_idx]), Split(train.images[val_idx], train.labels[val_idx])
@@ -283,12 +286,13 @@ class BatchIterator:
         return math.ceil(len(self.split) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.split)
+        n, size = len(self.split), self.batch_size
+        images, labels = self.split.images, self.split.labels
         if self.shuffle:
             order = torch.randperm(n, generator=self.generator)
-            for start in range(0, n, self.batch_size):
-                idx = order[start : start + self.batch_size]
-                yield self.split.images[idx], self.split.labels[idx]
+            for start in range(0, n, size):
+                idx = order[start : start + size]
+                yield images[idx], labels[idx]
         else:
-            for start in range(0, n, self.batch_size):
-                yield self.split.images[start : start + self.batch_size], self.split.labels[start : start + self.batch_size]
+            for start in range(0, n, size):
+                yield images[start : start + size], labels[start : start + size]

@@ -222,7 +222,9 @@ def _make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
     return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
 
 
-def _make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:
+def _make_scheduler(
+    config: TrainConfig, optimizer: torch.optim.Optimizer
+) -> torch.optim.lr_scheduler.LRScheduler | None:
     """A per-epoch schedule: cosine from lr to 0 over ``epochs``, or x``step_gamma`` every ``step_epochs``."""
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
@@ -301,26 +303,15 @@ def evaluate(model: nn.Module, split: Split) -> tuple[float, float]:
     return loss_sum / len(split), correct / len(split)
 
 
-def _module_generators(model: nn.Module) -> dict[str, torch.Generator]:
-    """Generators owned by layers built with their own ``seed`` (their state is not in state_dict)."""
-    return {name: m.generator for name, m in model.named_modules() if isinstance(getattr(m, "generator", None), torch.Generator)}
+def _rng_state(shuffle: torch.Generator) -> dict[str, torch.Tensor]:
+    """Every random state a run draws from: torch's global generator (weights, and dropkit's masks,
+    which take their seeds from it; see dropkit.rng) and the batch-shuffling generator."""
+    return {"torch": torch.get_rng_state(), "shuffle": shuffle.get_state()}
 
 
-def _rng_state(model: nn.Module, shuffle: torch.Generator) -> dict[str, Any]:
-    """Every random state a run draws from. dropkit's masks take their seeds from torch's global
-    generator (see dropkit.rng) unless a layer has its own, so these cover them."""
-    return {
-        "torch": torch.get_rng_state(),
-        "shuffle": shuffle.get_state(),
-        "layers": {name: g.get_state() for name, g in _module_generators(model).items()},
-    }
-
-
-def _set_rng_state(state: dict[str, Any], model: nn.Module, shuffle: torch.Generator) -> None:
+def _set_rng_state(state: dict[str, torch.Tensor], shuffle: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
     shuffle.set_state(state["shuffle"])
-    for name, generator in _module_generators(model).items():
-        generator.set_state(state["layers"][name])
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -448,7 +439,7 @@ def _save_checkpoint(
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "rng": _rng_state(model, shuffle),
+        "rng": _rng_state(shuffle),
         "history": history,
     }
     _atomic_write(path, lambda tmp: torch.save(state, tmp))
@@ -469,7 +460,7 @@ def _load_checkpoint(
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"], model, shuffle)
+    _set_rng_state(state["rng"], shuffle)
     return state["history"]
 
 
