@@ -15,6 +15,7 @@ from collections.abc import Sequence
 SUBCOMMANDS: dict[str, str] = {
     "train": "dropkit.commands.train",
     "compare": "dropkit.commands.compare",
+    "bench": "dropkit.commands.bench",
 }
 
 

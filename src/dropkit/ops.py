@@ -1,102 +1,207 @@
-"""Differentiable primitives under :mod:`dropkit.functional`: mask-based noise with regenerated masks.
+"""Differentiable primitives under :mod:`dropkit.functional`, registered as torch custom ops.
 
-Each primitive draws its noise from the counter-based streams of :mod:`dropkit.rng` over a
-``mask_shape`` that broadcasts to the input, and keeps only the 8-byte seed for backward: the
-backward pass regenerates the same noise from it. Validation and the trivial cases (eval, p=0,
-p=1) are handled by the caller.
+Each primitive applies noise drawn from :mod:`dropkit.rng`'s counter-based streams over a
+``mask_shape`` that broadcasts to the input. The element-wise cases run as ``torch.library`` custom
+ops in the ``dropkit`` namespace, each with an autograd formula and a fake (meta) implementation,
+so ``torch.compile(model, fullgraph=True)`` traces through them without graph breaks; on the CPU
+they dispatch to the numba kernels of :mod:`dropkit.kernels` (float32, float64, bfloat16; float16
+through the float32 kernels) and elsewhere to the plain-torch reference.
+
+What backward keeps (``saved``):
+
+* ``"seed"`` (default): only the 8-byte seed; backward regenerates the mask from it, so nothing is
+  kept per element. The gradient of dropout is dropout of the gradient with the same mask, so the
+  backward runs the very same kernel.
+* ``"bits"``: forward also writes the keep mask packed 1 bit per element (0.125 bytes per element)
+  and backward reads it instead of running Philox again. Only the mask-based ops have it: Gaussian
+  noise is not a bit mask.
+
+Masks shared along dimensions (channel, locked, path variants: ``mask_shape`` with 1s) are small:
+the ``keep_mask`` op draws them (on the kernels too) and ``torch.where`` broadcasts them; autograd
+keeps that small mask, not one per element.
+
+A mask depends only on the seed, which :func:`dropkit.rng.resolve_seed` draws from torch's
+generator, so ``torch.utils.checkpoint`` (which restores that generator before recomputing)
+reproduces the identical mask and gradients.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from dropkit import rng
+from dropkit import kernels
+from dropkit.kernels import reference
 
-#: SELU's negative saturation value, -lambda * alpha (Klambauer et al., "Self-Normalizing Neural
-#: Networks", NIPS 2017): the value alpha dropout sets dropped units to.
-SELU_SATURATION = -1.7580993408473766
+#: SELU's negative saturation value (Klambauer et al. 2017), the value dropped units take
+SELU_SATURATION = reference.SELU_SATURATION
 
+#: what backward keeps: the seed (mask regenerated) or the mask packed one bit per element
+SAVED_MODES = ("seed", "bits")
+
+#: the masked op that computes the gradient of each one (all are linear in x but alpha)
+_GRAD_KIND = {"dropout": "dropout", "alpha": "alpha_grad", "alpha_grad": "alpha_grad"}
+
+
+# --- custom ops ------------------------------------------------------------------------------------
+
+@torch.library.custom_op("dropkit::masked", mutates_args=())
+def _masked(x: torch.Tensor, seed: torch.Tensor, p: float, kind: str) -> torch.Tensor:
+    """``keep ? f(x) : c`` (reference.KINDS) with the element-wise mask regenerated from ``seed``."""
+    return kernels.masked(x, int(seed), p, kind)[0]
+
+
+@torch.library.custom_op("dropkit::masked_save_bits", mutates_args=())
+def _masked_save_bits(x: torch.Tensor, seed: torch.Tensor, p: float, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_masked` that also returns the keep mask packed one bit per element."""
+    out, bits = kernels.masked(x, int(seed), p, kind, save_bits=True)
+    return out, bits
+
+
+@torch.library.custom_op("dropkit::masked_from_bits", mutates_args=())
+def _masked_from_bits(x: torch.Tensor, bits: torch.Tensor, p: float, kind: str) -> torch.Tensor:
+    """``keep ? f(x) : c`` with the keep mask read from a packed bit mask."""
+    return kernels.masked_from_bits(x, bits, p, kind)
+
+
+@torch.library.custom_op("dropkit::gaussian", mutates_args=())
+def _gaussian(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """``x * (1 + sigma z)`` with element-wise noise regenerated from ``seed``."""
+    return kernels.gaussian(x, int(seed), p)
+
+
+@torch.library.custom_op("dropkit::keep_mask", mutates_args=())
+def _keep_mask(seed: torch.Tensor, p: float, shape: list[int]) -> torch.Tensor:
+    """Boolean keep mask of ``shape`` drawn from ``seed``."""
+    return kernels.keep_mask(int(seed), p, tuple(shape), device=seed.device)
+
+
+@torch.library.custom_op("dropkit::gaussian_noise", mutates_args=())
+def _gaussian_noise(seed: torch.Tensor, p: float, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """Gaussian dropout's multiplier ``1 + sigma z`` of ``shape`` in ``dtype``."""
+    return reference.gaussian_multiplier(int(seed), p, tuple(shape), dtype, device=seed.device).to(dtype)
+
+
+@_masked.register_fake
+@_masked_from_bits.register_fake
+def _masked_fake(x, *_):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@_masked_save_bits.register_fake
+def _masked_save_bits_fake(x, seed, p, kind):
+    bits = x.new_empty(((x.numel() + 7) // 8,), dtype=torch.uint8)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), bits
+
+
+@_gaussian.register_fake
+def _gaussian_fake(x, seed, p):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@_keep_mask.register_fake
+def _keep_mask_fake(seed, p, shape):
+    return seed.new_empty(shape, dtype=torch.bool)
+
+
+@_gaussian_noise.register_fake
+def _gaussian_noise_fake(seed, p, shape, dtype):
+    return seed.new_empty(shape, dtype=dtype)
+
+
+def _save_seed_and_kind(ctx, inputs, output) -> None:
+    _, seed, ctx.p, ctx.kind = inputs
+    ctx.save_for_backward(seed)
+
+
+def _save_seed(ctx, inputs, output) -> None:
+    _, seed, ctx.p = inputs
+    ctx.save_for_backward(seed)
+
+
+def _masked_backward(ctx, grad):
+    (seed,) = ctx.saved_tensors
+    return _masked(grad, seed, ctx.p, _GRAD_KIND[ctx.kind]), None, None, None
+
+
+def _save_bits(ctx, inputs, output) -> None:
+    _, _, ctx.p, ctx.kind = inputs
+    ctx.save_for_backward(output[1])
+
+
+def _from_bits_backward(ctx, grad, _grad_bits=None):
+    (bits,) = ctx.saved_tensors
+    return _masked_from_bits(grad, bits, ctx.p, _GRAD_KIND[ctx.kind]), None, None, None
+
+
+def _save_given_bits(ctx, inputs, output) -> None:
+    _, bits, ctx.p, ctx.kind = inputs
+    ctx.save_for_backward(bits)
+
+
+def _gaussian_backward(ctx, grad):
+    (seed,) = ctx.saved_tensors
+    return _gaussian(grad, seed, ctx.p), None, None
+
+
+_masked.register_autograd(_masked_backward, setup_context=_save_seed_and_kind)
+_masked_save_bits.register_autograd(_from_bits_backward, setup_context=_save_bits)
+_masked_from_bits.register_autograd(_from_bits_backward, setup_context=_save_given_bits)
+_gaussian.register_autograd(_gaussian_backward, setup_context=_save_seed)
+
+
+# --- the primitives functional.py calls ------------------------------------------------------------
 
 def keep_mask(seed: torch.Tensor, p: float, shape: tuple[int, ...]) -> torch.Tensor:
     """Boolean keep mask of ``shape``: element i is kept iff its u16 draw >= threshold(p)."""
-    numel = math.prod(shape)
-    return (rng.uniform16(int(seed), 0, numel) >= rng.threshold(p)).reshape(shape)
+    return _keep_mask(seed, p, list(shape))
 
 
 def alpha_dropout_affine(p: float) -> tuple[float, float]:
     """The (a, b) of alpha dropout that keep zero mean and unit variance for SELU activations."""
-    q = 1.0 - p
-    a = 1.0 / math.sqrt(q * (1.0 + p * SELU_SATURATION**2))
-    return a, -a * SELU_SATURATION * p
+    return reference.alpha_affine(p)
 
 
 def gaussian_noise(seed: torch.Tensor, p: float, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Multiplicative noise ~ N(1, p/(1-p)) of ``shape`` (Srivastava et al. 2014, section 10)."""
-    z = rng.normal(int(seed), 0, math.prod(shape)).reshape(shape)
-    return (1.0 + math.sqrt(p / (1.0 - p)) * z).to(dtype)
+    return _gaussian_noise(seed, p, list(shape), dtype)
 
 
-class _Dropout(torch.autograd.Function):
-    """Inverted dropout: kept units become x/(1-p), dropped ones 0; backward regenerates the mask."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float, seed: torch.Tensor, mask_shape: tuple[int, ...]) -> torch.Tensor:
-        ctx.p, ctx.mask_shape = p, mask_shape
-        ctx.save_for_backward(seed)
-        return torch.where(keep_mask(seed, p, mask_shape), x / (1.0 - p), 0.0).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (seed,) = ctx.saved_tensors
-        keep = keep_mask(seed, ctx.p, ctx.mask_shape)
-        return torch.where(keep, grad / (1.0 - ctx.p), 0.0).to(grad.dtype), None, None, None
+def dropout(
+    x: torch.Tensor, p: float, seed: torch.Tensor, mask_shape: tuple[int, ...], saved: str = "seed"
+) -> torch.Tensor:
+    """Inverted dropout of ``x`` with a keep mask of ``mask_shape`` (0 < p < 1): kept units become
+    ``x / (1 - p)``, dropped ones 0 (Srivastava et al. 2014)."""
+    return _mask_op("dropout", x, p, seed, mask_shape, saved)
 
 
-class _AlphaDropout(torch.autograd.Function):
-    """Alpha dropout: dropped units go to SELU's saturation value, then an affine map restores moments."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float, seed: torch.Tensor, mask_shape: tuple[int, ...]) -> torch.Tensor:
-        ctx.p, ctx.mask_shape = p, mask_shape
-        ctx.save_for_backward(seed)
-        a, b = alpha_dropout_affine(p)
-        return (torch.where(keep_mask(seed, p, mask_shape), x, SELU_SATURATION) * a + b).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (seed,) = ctx.saved_tensors
-        a, _ = alpha_dropout_affine(ctx.p)
-        keep = keep_mask(seed, ctx.p, ctx.mask_shape)
-        return torch.where(keep, grad * a, 0.0).to(grad.dtype), None, None, None
+def alpha_dropout(
+    x: torch.Tensor, p: float, seed: torch.Tensor, mask_shape: tuple[int, ...], saved: str = "seed"
+) -> torch.Tensor:
+    """Alpha dropout of ``x`` with a keep mask of ``mask_shape`` (0 < p < 1): dropped units take
+    SELU's saturation value, then ``a * . + b`` restores zero mean and unit variance."""
+    return _mask_op("alpha", x, p, seed, mask_shape, saved)
 
 
-class _GaussianDropout(torch.autograd.Function):
-    """Gaussian dropout: x times N(1, p/(1-p)) noise; backward regenerates the same noise."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float, seed: torch.Tensor, mask_shape: tuple[int, ...]) -> torch.Tensor:
-        ctx.p, ctx.mask_shape = p, mask_shape
-        ctx.save_for_backward(seed)
-        return x * gaussian_noise(seed, p, mask_shape, x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (seed,) = ctx.saved_tensors
-        return grad * gaussian_noise(seed, ctx.p, ctx.mask_shape, grad.dtype), None, None, None
+def gaussian_dropout(
+    x: torch.Tensor, p: float, seed: torch.Tensor, mask_shape: tuple[int, ...], saved: str = "seed"
+) -> torch.Tensor:
+    """Gaussian dropout of ``x`` with noise of ``mask_shape`` (0 < p < 1); only ``saved="seed"``."""
+    if saved != "seed":
+        raise ValueError(f"gaussian_dropout keeps only the seed for backward (saved='seed'), got saved={saved!r}")
+    if tuple(mask_shape) == tuple(x.shape):
+        return _gaussian(x, seed, p)
+    noise = _gaussian_noise(seed, p, list(mask_shape), reference.opmath_dtype(x.dtype)).to(x.device)
+    return (x.to(noise.dtype) * noise).to(x.dtype)
 
 
-def dropout(x: torch.Tensor, p: float, seed: torch.Tensor, mask_shape: tuple[int, ...]) -> torch.Tensor:
-    """Inverted dropout of ``x`` with a keep mask of ``mask_shape`` (0 < p < 1)."""
-    return _Dropout.apply(x, p, seed, mask_shape)
-
-
-def alpha_dropout(x: torch.Tensor, p: float, seed: torch.Tensor, mask_shape: tuple[int, ...]) -> torch.Tensor:
-    """Alpha dropout of ``x`` with a keep mask of ``mask_shape`` (0 < p < 1)."""
-    return _AlphaDropout.apply(x, p, seed, mask_shape)
-
-
-def gaussian_dropout(x: torch.Tensor, p: float, seed: torch.Tensor, mask_shape: tuple[int, ...]) -> torch.Tensor:
-    """Gaussian dropout of ``x`` with noise of ``mask_shape`` (0 < p < 1)."""
-    return _GaussianDropout.apply(x, p, seed, mask_shape)
+def _mask_op(kind: str, x: torch.Tensor, p: float, seed: torch.Tensor, mask_shape: tuple[int, ...],
+             saved: str) -> torch.Tensor:
+    """An element-wise mask runs as one custom op; a shared (broadcast) mask is drawn small and
+    applied by ``torch.where``."""
+    if saved not in SAVED_MODES:
+        raise ValueError(f"saved must be one of {SAVED_MODES}, got {saved!r}")
+    if tuple(mask_shape) != tuple(x.shape):
+        return reference.masked(x, keep_mask(seed, p, mask_shape).to(x.device), kind, p)
+    if saved == "bits" and torch.is_grad_enabled() and x.requires_grad:
+        return _masked_save_bits(x, seed, p, kind)[0]
+    return _masked(x, seed, p, kind)

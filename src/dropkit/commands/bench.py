@@ -1,0 +1,55 @@
+"""``dropkit bench``: the kernel and train-step benchmarks, printed as JSON (see dropkit.bench)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from dropkit import bench
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench", help="time dropkit's dropout against torch's and a copy; prints JSON",
+        description="Examples: dropkit bench kernels --sizes 20 24;  dropkit bench step",
+    )
+    which = parser.add_subparsers(dest="benchmark", required=True)
+    kernels = which.add_parser("kernels", help="forward and forward+backward of dropout vs copy and torch")
+    kernels.add_argument("--sizes", type=int, nargs="+", default=list(bench.DEFAULT_LOG2_SIZES), metavar="LOG2",
+                         help="input sizes as powers of two (default: %(default)s)")
+    kernels.add_argument("--dtypes", nargs="+", default=list(bench.DEFAULT_DTYPES),
+                         choices=["float32", "float64", "bfloat16", "float16"], help="(default: %(default)s)")
+    kernels.add_argument("--p", type=float, nargs="+", default=list(bench.DEFAULT_PS), help="(default: %(default)s)")
+    kernels.add_argument("--repeats", type=int, default=7, help="samples per figure; the median is kept")
+    kernels.add_argument("--out", help="also write the JSON to this file")
+    kernels.set_defaults(func=run_kernels)
+    step = which.add_parser("step", help="train step of a 784-1024-1024-10 MLP with and without dropout")
+    step.add_argument("--batch", type=int, default=256)
+    step.add_argument("--p", type=float, default=0.5)
+    step.add_argument("--repeats", type=int, default=15, help="samples per figure; the median is kept")
+    step.add_argument("--out", help="also write the JSON to this file")
+    step.set_defaults(func=run_step)
+
+
+def run_kernels(args: argparse.Namespace) -> int:
+    for p in args.p:
+        if not 0.0 < p < 1.0:
+            raise ValueError(f"--p values must be in (0, 1), got {p}")
+    if any(not 0 <= k <= 30 for k in args.sizes):
+        raise ValueError(f"--sizes are powers of two in [0, 30], got {args.sizes}")
+    return _emit(bench.bench_kernels(tuple(args.dtypes), tuple(args.sizes), tuple(args.p), args.repeats), args.out)
+
+
+def run_step(args: argparse.Namespace) -> int:
+    if not 0.0 < args.p < 1.0:
+        raise ValueError(f"--p must be in (0, 1), got {args.p}")
+    return _emit(bench.bench_step(args.batch, args.p, args.repeats), args.out)
+
+
+def _emit(result: dict, out: str | None) -> int:
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    return 0

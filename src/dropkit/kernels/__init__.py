@@ -1,0 +1,122 @@
+"""Per-element ops of the dropout family on torch tensors: picks a kernel and moves no data.
+
+On the CPU, float32, float64 and bfloat16 run on the numba kernels of :mod:`.cpu`, which read and
+write the tensors' own memory (``Tensor.numpy()`` views; bfloat16 as its ``uint16`` bit pattern).
+float16 runs on the float32 kernels between two conversions, which is exact because every op is
+computed in float32 and rounded once. Everything else (other devices) falls back to the plain-torch
+:mod:`.reference`, the ground truth the kernels are tested against.
+
+Inputs are read in their logical index order: a non-contiguous input is copied to a contiguous one
+first, and outputs are contiguous. ``seed`` is a Python int (a Philox key) and ``offset`` the first
+counter of the stream, 0 for a whole-tensor op.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import torch
+
+from dropkit import rng
+from dropkit.kernels import cpu, reference
+
+__all__ = ["compiled", "gaussian", "keep_mask", "masked", "masked_from_bits", "reference"]
+
+_NATIVE = (torch.float32, torch.float64, torch.bfloat16)
+_KIND_CODES = {"dropout": cpu.DROPOUT, "alpha": cpu.ALPHA, "alpha_grad": cpu.ALPHA_GRAD}
+
+
+def compiled(x: torch.Tensor) -> bool:
+    """Whether ops on ``x`` run on the compiled kernels (else on the reference)."""
+    return x.device.type == "cpu" and (x.dtype in _NATIVE or x.dtype == torch.float16)
+
+
+def masked(
+    x: torch.Tensor, seed: int, p: float, kind: str, *, save_bits: bool = False, offset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``keep ? f(x) : c`` (see :mod:`.reference`) with an element-wise mask from ``(seed, offset)``.
+
+    Returns the output and, with ``save_bits``, the packed keep mask (``ceil(numel / 8)`` bytes).
+    """
+    x = x.contiguous()
+    if not compiled(x):
+        keep = reference.keep_mask(seed, p, tuple(x.shape), offset, x.device)
+        bits = reference.pack_bits(keep) if save_bits else None
+        return reference.masked(x, keep, kind, p), bits
+    if x.dtype == torch.float16:
+        out, bits = masked(x.float(), seed, p, kind, save_bits=save_bits, offset=offset)
+        return out.half(), bits
+    out = torch.empty_like(x)
+    bits = torch.empty(-(-x.numel() // 8), dtype=torch.uint8)
+    a, b, c = _constants(kind, p, x.dtype)
+    k0, k1 = _key(seed)
+    _set_threads()
+    cpu.masked_seed(_array(x), _array(out), bits.numpy(), k0, k1, offset, rng.threshold(p),
+                    _KIND_CODES[kind], a, b, c, save_bits)
+    return out, bits if save_bits else None
+
+
+def masked_from_bits(x: torch.Tensor, bits: torch.Tensor, p: float, kind: str) -> torch.Tensor:
+    """``keep ? f(x) : c`` with the keep mask read from a packed mask made by :func:`masked`."""
+    x = x.contiguous()
+    if not compiled(x):
+        return reference.masked(x, reference.unpack_bits(bits, tuple(x.shape)), kind, p)
+    if x.dtype == torch.float16:
+        return masked_from_bits(x.float(), bits, p, kind).half()
+    out = torch.empty_like(x)
+    a, b, c = _constants(kind, p, x.dtype)
+    _set_threads()
+    cpu.masked_bits(_array(x), _array(out), bits.contiguous().numpy(), _KIND_CODES[kind], a, b, c)
+    return out
+
+
+def gaussian(x: torch.Tensor, seed: int, p: float, offset: int = 0) -> torch.Tensor:
+    """Gaussian dropout ``x * (1 + sigma * z)``; applied to a gradient it is also the backward."""
+    x = x.contiguous()
+    if not compiled(x):
+        return reference.gaussian(x, seed, p, offset)
+    if x.dtype == torch.float16:
+        return gaussian(x.float(), seed, p, offset).half()
+    out = torch.empty_like(x)
+    k0, k1 = _key(seed)
+    _set_threads()
+    cpu.gaussian(_array(x), _array(out), k0, k1, offset, math.sqrt(p / (1.0 - p)))
+    return out
+
+
+def keep_mask(
+    seed: int, p: float, shape: tuple[int, ...], offset: int = 0, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Boolean keep mask of ``shape`` (p in [0, 1]), e.g. the shared masks of channel dropout."""
+    if torch.device(device).type != "cpu":
+        return reference.keep_mask(seed, p, shape, offset, device)
+    out = torch.empty(shape, dtype=torch.bool)
+    k0, k1 = _key(seed)
+    _set_threads()
+    cpu.keep_mask(out.numpy().reshape(-1), k0, k1, offset, rng.threshold(p))
+    return out
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    """A flat numpy view of a contiguous CPU tensor; bfloat16 as its uint16 bit pattern."""
+    if t.dtype == torch.bfloat16:
+        return t.detach().view(torch.int16).numpy().view(np.uint16).reshape(-1)
+    return t.detach().numpy().reshape(-1)
+
+
+def _constants(kind: str, p: float, dtype: torch.dtype) -> tuple[np.floating, ...]:
+    """The masked op's constants as scalars of the kernel's arithmetic type."""
+    scalar = np.float64 if dtype == torch.float64 else np.float32
+    return tuple(scalar(v) for v in reference.kind_constants(kind, p, dtype))
+
+
+def _key(seed: int) -> tuple[np.uint64, np.uint64]:
+    """Philox key words (k0, k1) of a 64-bit seed."""
+    return np.uint64(seed & rng.MASK32), np.uint64((seed >> 32) & rng.MASK32)
+
+
+def _set_threads() -> None:
+    """Run numba's parallel loops on as many threads as torch's intra-op pool."""
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))

@@ -1,0 +1,253 @@
+"""Compiled CPU kernels (numba) for the dropout family: about one memory pass per op.
+
+What: the per-element ops of :mod:`dropkit.kernels.reference` — the masked ops (dropout, alpha
+dropout and its gradient, from a regenerated mask or from a packed bit mask), Gaussian dropout and
+the keep masks that the channel, locked and path variants share over dimensions — compiled with
+numba. They reproduce :mod:`dropkit.rng`'s streams (Philox4x32-10, Salmon et al. 2011) and the
+reference's arithmetic bit for bit; Gaussian noise is the exception noted below.
+
+Why this shape. torch's CPU dropout draws one float per element and makes three passes over the
+data; the cost is almost all random number generation. Here randomness is spent sparingly: one
+Philox call gives 128 bits, i.e. the 16-bit draws of 8 elements (p is quantised to a multiple of
+2**-16: a unit drops iff its draw < ``round(p * 65536)``). Work is cut into blocks of
+:data:`BLOCK` elements: per block the kernel first runs Philox for the block's counters into a small
+scratch array (a loop over independent counters that LLVM vectorises: one AVX-512 multiply serves
+8 counters), then makes one pass of branch-free selects over the block's elements, reading the
+draws from that L1-resident scratch. Blocks are spread over threads with ``prange``; the number of
+threads follows ``torch.get_num_threads()``. A mask is a pure function of (seed, offset, index),
+so the result does not depend on the thread count or on the block size.
+
+Dtypes. float32 and float64 natively; bfloat16 through its 16-bit pattern (a ``uint16`` view, no
+copy): loads widen to float32 (exact), the arithmetic is float32 and stores round to nearest even
+(NaN becomes the canonical 0x7FC0), which is what torch does for bfloat16. numba has no float16
+type on the CPU, so :mod:`dropkit.kernels` runs float16 through the float32 kernels between two
+conversions (exact, since the contract rounds once from float32).
+
+Gaussian noise is computed in float64 (numba's log/cos/sqrt, i.e. the C library's), where the
+reference uses torch's vectorised float64 functions; the two differ by a few float64 ulps, so after
+rounding to float32 the results agree to within one ulp of the output dtype (tested so).
+
+Compilation is cached on disk (``cache=True``) so a new process starts without recompiling: next
+to this file, or — if that directory is not writable and ``NUMBA_CACHE_DIR`` is unset — in a
+per-user directory under the system's temporary directory.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numba
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from dropkit import rng
+
+
+def _ensure_writable_cache() -> None:
+    """Point numba's cache at a writable directory when the one next to this file is not."""
+    if numba.config.CACHE_DIR:
+        return
+    in_tree = Path(__file__).parent / "__pycache__"
+    try:
+        in_tree.mkdir(exist_ok=True)
+        if os.access(in_tree, os.W_OK):
+            return
+    except OSError:
+        pass
+    user = os.environ.get("USER") or str(os.getpid())
+    fallback = Path(tempfile.gettempdir()) / f"dropkit-numba-{user}"
+    fallback.mkdir(parents=True, exist_ok=True)
+    numba.config.CACHE_DIR = str(fallback)
+
+
+_ensure_writable_cache()
+
+#: elements per block: 256 Philox calls of the u16 stream, 4 KiB of draws (stays in L1)
+BLOCK = 2048
+_COUNTERS_PER_BLOCK = BLOCK // rng.U16_PER_COUNTER
+#: kernel codes of the masked ops (reference.KINDS)
+DROPOUT, ALPHA, ALPHA_GRAD = 0, 1, 2
+
+_U32 = np.uint64(0xFFFFFFFF)
+_S16 = np.uint64(16)
+_S32 = np.uint64(32)
+_M0 = np.uint64(rng.PHILOX_M0)
+_M1 = np.uint64(rng.PHILOX_M1)
+_W0 = np.uint64(rng.PHILOX_W0)
+_W1 = np.uint64(rng.PHILOX_W1)
+_ZERO = np.uint64(0)
+_ROUNDS = rng.PHILOX_ROUNDS
+_BF16_BIAS = np.uint64(0x7FFF)
+_BF16_NAN = np.uint16(0x7FC0)
+
+
+# --- element access: bfloat16 arrays arrive as uint16 bit patterns --------------------------------
+
+def _load(a, i):
+    """``a[i]`` as the opmath float (bfloat16 bit patterns widen to float32)."""
+
+
+def _store(a, i, v):
+    """``a[i] = v``, rounding float32 to bfloat16 (nearest even) for bit-pattern arrays."""
+
+
+def _opmath(a, v):
+    """``v`` (a float64) cast to the opmath type of array ``a``."""
+
+
+@overload(_load)
+def _load_impl(a, i):
+    if a.dtype == types.uint16:
+        return lambda a, i: np.uint32(np.uint64(a[i]) << _S16).view(np.float32)
+    return lambda a, i: a[i]
+
+
+@overload(_store)
+def _store_impl(a, i, v):
+    if a.dtype == types.uint16:
+        def store_bfloat16(a, i, v):
+            u = np.uint64(np.float32(v).view(np.uint32))
+            rounded = np.uint16((u + _BF16_BIAS + ((u >> _S16) & np.uint64(1))) >> _S16)
+            a[i] = rounded if v == v else _BF16_NAN
+        return store_bfloat16
+
+    def store(a, i, v):
+        a[i] = v
+    return store
+
+
+@overload(_opmath)
+def _opmath_impl(a, v):
+    if a.dtype == types.float64:
+        return lambda a, v: v
+    return lambda a, v: np.float32(v)
+
+
+# --- random draws ------------------------------------------------------------------------------
+
+@njit(inline="always")
+def _philox(c0, c1, k0, k1):
+    """Philox4x32-10 of counter (c0, c1, 0, 0) under key (k0, k1); uint32 values held in uint64."""
+    c2 = _ZERO
+    c3 = _ZERO
+    for _ in range(_ROUNDS):
+        prod0 = c0 * _M0
+        prod1 = c2 * _M1
+        c0, c1, c2, c3 = (prod1 >> _S32) ^ c1 ^ k0, prod1 & _U32, (prod0 >> _S32) ^ c3 ^ k1, prod0 & _U32
+        k0 = (k0 + _W0) & _U32
+        k1 = (k1 + _W1) & _U32
+    return c0, c1, c2, c3
+
+
+@njit(inline="always")
+def _draw(words, counter, n_counters, k0, k1):
+    """Philox output words of counters counter..counter+n_counters-1 into ``words`` (4 per counter)."""
+    for j in range(n_counters):
+        ctr = counter + np.uint64(j)
+        w0, w1, w2, w3 = _philox(ctr & _U32, ctr >> _S32, k0, k1)
+        words[4 * j] = w0
+        words[4 * j + 1] = w1
+        words[4 * j + 2] = w2
+        words[4 * j + 3] = w3
+
+
+@njit(inline="always")
+def _pack(draws, thr, bits, n_bytes):
+    """Packed keep flags (draw >= thr) of 8 * n_bytes elements: element 8k+t in bit t of byte k."""
+    for k in range(n_bytes):
+        byte = 0
+        for t in range(8):
+            byte |= np.int32(np.int32(draws[8 * k + t]) >= thr) << t
+        bits[k] = byte
+
+
+@njit(inline="always")
+def _unpack(bits, flags, n):
+    """Keep flags (0 or 1) of n elements from a packed mask."""
+    for i in range(n):
+        flags[i] = (bits[i >> 3] >> (i & 7)) & 1
+
+
+@njit(inline="always")
+def _select(kind, x, out, draws, thr, a, b, c):
+    """``out = draws >= thr ? f(x) : c`` over one block; the kind is resolved outside the loops."""
+    if kind == DROPOUT:
+        for i in range(x.size):
+            v = _load(x, i) / a
+            _store(out, i, v if np.int32(draws[i]) >= thr else c)
+    elif kind == ALPHA:
+        for i in range(x.size):
+            v = _load(x, i) * a + b
+            _store(out, i, v if np.int32(draws[i]) >= thr else c)
+    else:
+        for i in range(x.size):
+            v = _load(x, i) * a
+            _store(out, i, v if np.int32(draws[i]) >= thr else c)
+
+
+# --- kernels -----------------------------------------------------------------------------------
+
+@njit(parallel=True, cache=True)
+def masked_seed(x, out, bits, k0, k1, offset, thr, kind, a, b, c, write_bits):
+    """A masked op with the mask regenerated from (seed, offset); writes ``bits`` if asked."""
+    n = x.size
+    for blk in prange((n + BLOCK - 1) // BLOCK):
+        words = np.empty(_COUNTERS_PER_BLOCK * 4, np.uint32)
+        draws = words.view(np.uint16)
+        start = blk * BLOCK
+        m = min(BLOCK, n - start)
+        n_bytes = (m + 7) // 8
+        _draw(words, np.uint64(offset) + np.uint64(blk * _COUNTERS_PER_BLOCK), n_bytes, k0, k1)
+        if write_bits:
+            _pack(draws, thr, bits[start // 8: start // 8 + n_bytes], n_bytes)
+        _select(kind, x[start:start + m], out[start:start + m], draws, thr, a, b, c)
+    if write_bits and n % 8:
+        bits[n // 8] &= np.uint8((1 << (n % 8)) - 1)
+
+
+@njit(parallel=True, cache=True)
+def masked_bits(x, out, bits, kind, a, b, c):
+    """A masked op with the mask read from a packed bit mask."""
+    n = x.size
+    for blk in prange((n + BLOCK - 1) // BLOCK):
+        flags = np.empty(BLOCK, np.uint16)
+        start = blk * BLOCK
+        m = min(BLOCK, n - start)
+        _unpack(bits[start // 8: start // 8 + (m + 7) // 8], flags, m)
+        _select(kind, x[start:start + m], out[start:start + m], flags, 1, a, b, c)
+
+
+@njit(parallel=True, cache=True)
+def keep_mask(out, k0, k1, offset, thr):
+    """The boolean keep mask (draw >= thr) of ``out.size`` elements."""
+    n = out.size
+    for blk in prange((n + BLOCK - 1) // BLOCK):
+        words = np.empty(_COUNTERS_PER_BLOCK * 4, np.uint32)
+        draws = words.view(np.uint16)
+        start = blk * BLOCK
+        m = min(BLOCK, n - start)
+        _draw(words, np.uint64(offset) + np.uint64(blk * _COUNTERS_PER_BLOCK), (m + 7) // 8, k0, k1)
+        block = out[start:start + m]
+        for i in range(m):
+            block[i] = np.int32(draws[i]) >= thr
+
+
+@njit(parallel=True, cache=True)
+def gaussian(x, out, k0, k1, offset, sigma):
+    """Gaussian dropout: ``out = x * (1 + sigma * z)``, z by Box-Muller from the ``normal`` stream."""
+    n = x.size
+    for blk in prange((n + BLOCK - 1) // BLOCK):
+        words = np.empty(BLOCK * 2, np.uint32)
+        start = blk * BLOCK
+        m = min(BLOCK, n - start)
+        _draw(words, np.uint64(offset) + np.uint64(blk * (BLOCK // 2)), (m + 1) // 2, k0, k1)
+        xb = x[start:start + m]
+        ob = out[start:start + m]
+        for i in range(m):
+            u1 = (np.float64(words[2 * i]) + 0.5) * 2.0**-32
+            u2 = np.float64(words[2 * i + 1]) * 2.0**-32
+            z = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+            _store(ob, i, _load(xb, i) * _opmath(xb, 1.0 + sigma * z))
