@@ -49,6 +49,16 @@ def test_a_short_run_learns_and_reports_every_metric():
     assert evaluate(result.model, test) == (pytest.approx(final["test_loss"]), final["test_acc"])
 
 
+def test_saved_for_backward_counts_activations_per_batch():
+    def saved(batch_size: int) -> float:
+        config = TrainConfig(**{**SMALL, "epochs": 1, "limit_train": 512}, batch_size=batch_size)
+        return train(config, quiet=True).final["saved_mib"]
+
+    small, large = saved(64), saved(128)
+    assert small > 64 * 784 * 4 / 2**20  # at least the input batch, which the first Linear keeps
+    assert large == pytest.approx(2 * small, rel=0.05)  # activations scale with the batch; weights are not counted
+
+
 def test_out_dir_holds_config_metrics_result_and_a_loadable_checkpoint(tmp_path):
     result = train(TrainConfig(**SMALL), tmp_path, quiet=True)
     written = sorted(p.name for p in tmp_path.iterdir())
@@ -80,14 +90,14 @@ class Killed(Exception):
 @pytest.mark.parametrize(
     "settings",
     [
-        dict(optimizer="nesterov", lr=0.05, schedule="cosine", max_norm=2.0, epochs=3),
-        dict(optimizer="adamw", weight_decay=0.01, schedule="step", step_epochs=1, step_gamma=0.5, epochs=3),
-        dict(model="lstm", model_kwargs={"hidden": 16, "layers": 1, "p_weight": 0.3}, epochs=2, limit_train=300),
+        dict(optimizer="nesterov", lr=0.05, schedule="cosine", max_norm=2.0),
+        dict(optimizer="adamw", weight_decay=0.01, schedule="step", step_epochs=1, step_gamma=0.5),
+        dict(model="lstm", model_kwargs={"hidden": 16, "layers": 1, "p_weight": 0.3}, limit_train=300),
     ],
     ids=["sgd-cosine-maxnorm", "adamw-step", "lstm-weightdrop"],
 )
 def test_resume_after_a_kill_ends_where_the_uninterrupted_run_ends(tmp_path, monkeypatch, settings):
-    config = TrainConfig(**{**SMALL, **settings})
+    config = TrainConfig(**{**SMALL, "limit_train": 1000, **settings})
     straight = train(config, tmp_path / "straight", quiet=True)
 
     real_train_epoch = training._train_epoch

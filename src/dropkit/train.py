@@ -23,6 +23,7 @@ uninterrupted run would have produced.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -246,6 +247,10 @@ class _SavedForBackward:
             self.storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
+    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
+        """A context in which every tensor saved for backward is counted (and kept as it is)."""
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda tensor: tensor)
+
     @property
     def mib(self) -> float:
         return sum(self.storages.values()) / 2**20
@@ -270,11 +275,8 @@ def _train_epoch(
     loss_sum, correct, seen = 0.0, 0, 0
     saved = _SavedForBackward(model.parameters())
     for i, (x, y) in enumerate(batches):
-        if i == 0:
-            with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-        else:
+        measure = saved.hooks() if i == 0 else contextlib.nullcontext()
+        with measure:
             logits = model(x)
             loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
