@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dropkit.commands.options import add_run_options, config_from_args
+from dropkit.commands.options import add_run_options, config_from_args, float_in
 from dropkit.compare import REGULARISERS, p_settings, reg_settings, run_settings, summarise
 from dropkit.report import write_report
 
@@ -16,7 +16,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "dropkit compare --model srivastava_mlp --reg none l2 maxnorm dropout dropout+maxnorm",
     )
     settings = parser.add_mutually_exclusive_group(required=True)
-    settings.add_argument("--p", type=float, nargs="+", help="main dropout rates to compare, each in [0, 1]")
+    settings.add_argument("--p", type=float_in(0, 1), nargs="+", help="main dropout rates to compare, each in [0, 1]")
     settings.add_argument("--reg", nargs="+", choices=REGULARISERS, help="regularisers to compare")
     parser.add_argument("--dropout-p", type=float, default=0.5, help="main rate of the --reg dropout settings")
     parser.add_argument("--l2", type=float, default=5e-4, help="weight decay of the --reg l2 setting")
@@ -30,9 +30,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     base = config_from_args(args)
     if args.p is not None:
-        for p in args.p:
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"--p values must be in [0, 1], got {p}")
         settings = p_settings(args.p)
     else:
         settings = reg_settings(args.model, args.reg, p=args.dropout_p, l2=args.l2, max_norm=args.max_norm_c)

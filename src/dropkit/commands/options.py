@@ -1,13 +1,16 @@
 """Command-line options shared by every subcommand that trains: model, data, optimiser, epochs, seed.
 
 One definition, so ``train``, ``compare`` and ``sweep`` accept the same flags with the same
-meaning, and one conversion to :class:`dropkit.train.TrainConfig`, which validates the values.
+meaning and the same range checks, and one conversion to :class:`dropkit.train.TrainConfig`
+(which validates again, for callers that build configs in code).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import ast
+import math
+from collections.abc import Callable
 from typing import Any
 
 from dropkit.data import DATASETS
@@ -15,35 +18,100 @@ from dropkit.models import MODELS
 from dropkit.train import OPTIMIZERS, SCHEDULES, TrainConfig
 
 
+def float_in(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite float in the interval given; the error states the interval."""
+    if math.isinf(high):
+        interval = f"{'>' if low_open else '>='} {low:g}"
+    else:
+        interval = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        too_low = value <= low if low_open else value < low
+        too_high = value >= high if high_open else value > high
+        if not math.isfinite(value) or too_low or too_high:
+            raise argparse.ArgumentTypeError(f"must be {interval}, got {text}")
+        return value
+
+    return parse
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text}")
+        return value
+
+    return parse
+
+
+def model_arg(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE a Python literal (``0.2``, ``True``, ``(32, 64)``) or else a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return key, raw
+
+
 def add_run_options(parser: argparse.ArgumentParser) -> None:
-    """Register the flags that describe one training run (everything but the dropout rate)."""
-    group = parser.add_argument_group("training run")
-    group.add_argument("--model", default="tutorial_mlp", choices=sorted(MODELS), help="reference model")
-    group.add_argument("--model-kwargs", type=json.loads, default={}, metavar="JSON",
-                       help='extra model arguments as JSON, e.g. \'{"hidden": 256}\'')
-    group.add_argument("--dataset", default="mnist", choices=DATASETS)
-    group.add_argument("--data-dir", help="folder holding the four IDX files (overrides --dataset's location)")
-    group.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
-    group.add_argument("--lr", type=float, default=1e-3, help="learning rate (> 0)")
-    group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum in [0, 1)")
-    group.add_argument("--weight-decay", type=float, default=0.0, help="L2 penalty (>= 0)")
-    group.add_argument("--max-norm", type=float, default=None, help="max-norm bound c on hidden weight rows (> 0)")
-    group.add_argument("--schedule", default="none", choices=SCHEDULES, help="learning-rate schedule")
-    group.add_argument("--epochs", type=int, default=10, help="epochs (>= 1)")
-    group.add_argument("--batch-size", type=int, default=128, help="batch size (>= 1)")
-    group.add_argument("--seed", type=int, default=0, help="seed for weights, masks and shuffling")
-    group.add_argument("--val-size", type=int, default=5000, help="validation examples carved from training (>= 0)")
-    group.add_argument("--limit-train", type=int, default=None, help="use only the first N training examples")
-    group.add_argument("--limit-test", type=int, default=None, help="use only the first N test examples")
+    """Register the flags that describe one training run, except the dropout rate and the output."""
+    defaults = TrainConfig()
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", choices=list(MODELS), default=defaults.model,
+                       help="network to train (default %(default)s)")
+    model.add_argument("--model-arg", type=model_arg, action="append", default=[], metavar="KEY=VALUE",
+                       help="extra model argument, repeatable, e.g. width=512 or batchnorm=True")
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer, help="(default %(default)s)")
+    opt.add_argument("--lr", type=float_in(0, math.inf, low_open=True, high_open=True), default=defaults.lr,
+                     help="learning rate, > 0 (default %(default)g)")
+    opt.add_argument("--momentum", type=float_in(0, 1, high_open=True), default=defaults.momentum,
+                     help="SGD momentum in [0, 1) (default %(default)g)")
+    opt.add_argument("--weight-decay", type=float_in(0, math.inf, high_open=True), default=defaults.weight_decay,
+                     help="L2 penalty, >= 0 (default %(default)g)")
+    opt.add_argument("--max-norm", type=float_in(0, math.inf, low_open=True, high_open=True), default=None,
+                     help="cap each hidden unit's incoming weight norm (Srivastava et al. 2014; 3-4 typical)")
+    opt.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule,
+                     help="learning-rate schedule (default %(default)s)")
+    opt.add_argument("--step-epochs", type=int_at_least(1), default=defaults.step_epochs,
+                     help="step schedule: epochs between lr drops (default %(default)s)")
+    opt.add_argument("--step-gamma", type=float_in(0, 1, low_open=True), default=defaults.step_gamma,
+                     help="step schedule: lr factor in (0, 1] (default %(default)g)")
+    opt.add_argument("--epochs", type=int_at_least(1), default=defaults.epochs, help="(default %(default)s)")
+    opt.add_argument("--batch-size", type=int_at_least(1), default=defaults.batch_size,
+                     help="global batch size (default %(default)s)")
+    opt.add_argument("--seed", type=int_at_least(0), default=defaults.seed,
+                     help="seeds weights, dropout masks and shuffling (default %(default)s)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default=defaults.dataset,
+                      help=f"{' or '.join(DATASETS)}, or any name with --data-dir (default %(default)s)")
+    data.add_argument("--data-dir", default=None, help="folder holding the four IDX files")
+    data.add_argument("--val-size", type=int_at_least(0), default=defaults.val_size,
+                      help="training examples held out for validation (default %(default)s)")
+    data.add_argument("--limit-train", type=int_at_least(1), default=None, help="train on the first N examples")
+    data.add_argument("--limit-test", type=int_at_least(1), default=None, help="test on the first N examples")
 
 
 def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
     """The validated :class:`TrainConfig` the flags describe, with ``overrides`` applied."""
     config = TrainConfig(
-        model=args.model, model_kwargs=dict(args.model_kwargs), optimizer=args.optimizer, lr=args.lr,
+        model=args.model, model_kwargs=dict(args.model_arg), optimizer=args.optimizer, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, max_norm=args.max_norm, schedule=args.schedule,
-        epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, val_size=args.val_size,
-        dataset=args.dataset, data_dir=args.data_dir, limit_train=args.limit_train, limit_test=args.limit_test,
+        step_epochs=args.step_epochs, step_gamma=args.step_gamma, epochs=args.epochs, batch_size=args.batch_size,
+        seed=args.seed, val_size=args.val_size, dataset=args.dataset, data_dir=args.data_dir,
+        limit_train=args.limit_train, limit_test=args.limit_test,
     )
     for name, value in overrides.items():
         setattr(config, name, value)
