@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, str] = {
     "train": "dropkit.commands.train",
     "compare": "dropkit.commands.compare",
     "bench": "dropkit.commands.bench",
+    "bench-structured": "dropkit.commands.bench_structured",
 }
 
 
