@@ -11,6 +11,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from dropkit.distributed import WorkerFailed
+
 #: subcommand name -> module (under dropkit.commands) that defines it
 SUBCOMMANDS: dict[str, str] = {
     "train": "dropkit.commands.train",
@@ -35,6 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"dropkit {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except WorkerFailed as err:
+        print(f"dropkit {args.command}: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -127,6 +127,10 @@ class Split:
             return self
         return Split(self.images[:n], self.labels[:n])
 
+    def shard(self, rank: int, world: int) -> Split:
+        """Every ``world``-th example starting at ``rank``: this process's part of a distributed evaluation."""
+        return self if world == 1 else Split(self.images[rank::world], self.labels[rank::world])
+
 
 @dataclass(frozen=True)
 class ImageDataset:
@@ -270,29 +274,37 @@ class BatchIterator:
     generator's seed, and a resumed run continues from its saved state) and yields index-selected
     ``(images, labels)`` batches; the last batch is smaller when ``len`` is not a multiple of
     ``batch_size``. With ``shuffle=False`` batches come in order and no random number is drawn.
+
+    In a distributed run every rank holds the same generator state and so the same permutation;
+    with ``rank``/``world`` each yields every ``world``-th example of each global batch, so the N
+    ranks together see exactly the batches one process would. A global batch with fewer examples
+    than ranks (only ever the last) is skipped, since some rank would get none.
     """
 
     def __init__(
-        self, split: Split, batch_size: int, *, shuffle: bool = True, generator: torch.Generator | None = None
+        self, split: Split, batch_size: int, *, shuffle: bool = True, generator: torch.Generator | None = None,
+        rank: int = 0, world: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank must be in [0, world={world}), got {rank}")
         self.split = split
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.generator = generator
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
-        return math.ceil(len(self.split) / self.batch_size)
+        full, rest = divmod(len(self.split), self.batch_size)
+        return full + (1 if rest >= self.world else 0)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n, size = len(self.split), self.batch_size
-        images, labels = self.split.images, self.split.labels
-        if self.shuffle:
-            order = torch.randperm(n, generator=self.generator)
-            for start in range(0, n, size):
-                idx = order[start : start + size]
-                yield images[idx], labels[idx]
-        else:
-            for start in range(0, n, size):
-                yield images[start : start + size], labels[start : start + size]
+        n = len(self.split)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for start in range(0, n, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            if len(idx) < self.world:
+                continue
+            idx = idx[self.rank :: self.world]
+            yield self.split.images[idx], self.split.labels[idx]

@@ -107,8 +107,16 @@ class WorkerFailed(RuntimeError):
 
 @record
 def _worker(fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+    share_cores()
     with process_group():
         return fn(*args)
+
+
+def share_cores() -> None:
+    """Give this worker its share of the machine's cores, so N local workers do not oversubscribe
+    them N-fold (torch's threads, and dropkit's kernels, which follow torch's thread count)."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
 
 def launch(nproc: int, fn: Callable[..., T], *args: Any) -> T:
@@ -135,7 +143,8 @@ def _describe_failure(err: ChildFailedError) -> str:
     """Name the rank that failed first (the cause) and its error; list the ranks stopped after it."""
     first_rank, first = err.get_first_failure()
     others = sorted(r for r in err.failures if r != first_rank)
-    text = f"distributed run stopped: rank {first_rank} failed (exit code {first.exitcode}): {_error_line(first)}"
+    text = (f"distributed run stopped: rank {first_rank} (pid {first.pid}) failed (exit code {first.exitcode}): "
+            f"{_error_line(first)}")
     return text + (f"; then ranks {others} stopped" if others else "")
 
 

@@ -54,9 +54,10 @@ def manual_seed(seed: int, rank: int = 0) -> None:
     torch.manual_seed(derive_seed(seed, rank) if rank else seed)
 
 
-def derive_seed(seed: int, stream: int) -> int:
-    """A 63-bit seed for sub-stream ``stream`` of ``seed`` (e.g. one per rank), by hashing both."""
-    digest = hashlib.blake2b(f"{seed}:{stream}".encode(), digest_size=8).digest()
+def derive_seed(seed: int, *streams: int) -> int:
+    """A 63-bit seed for the sub-stream ``streams`` of ``seed`` (e.g. ``(MASKS, rank, epoch)``), by
+    hashing them together: distinct paths give independent-looking seeds, the same path the same."""
+    digest = hashlib.blake2b(":".join(str(n) for n in (seed, *streams)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & SEED_BOUND
 
 

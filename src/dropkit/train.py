@@ -32,7 +32,8 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,11 @@ from torch import nn
 from tqdm import tqdm
 
 import dropkit
-from dropkit import rng
+from dropkit import distributed, rng
+from dropkit.concrete import concrete_rates, concrete_regularisation, regularizer_weights, to_concrete
 from dropkit.data import BatchIterator, Split, load_dataset, normalise, split_validation
 from dropkit.models import build_model, main_rate, output_layer
+from dropkit.schedule import CurriculumRamp, EarlyDropout, LateDropout, OverfitController, ScheduleCallback
 
 __all__ = [
     "OPTIMIZERS",
@@ -63,10 +66,16 @@ __all__ = [
 
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
 SCHEDULES = ("none", "cosine", "step")
+#: how the dropout rate is set: fixed (p, optionally scheduled), auto (OverfitController), concrete (learnt)
+RATES = ("fixed", "auto", "concrete")
+#: schedules of a fixed rate over the run (dropkit.schedule)
+DROP_SCHEDULES = ("constant", "curriculum", "early", "late")
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 #: sub-stream of the run's seed that shuffles the training batches (see dropkit.rng.derive_seed)
 SHUFFLE_STREAM = 1
+#: sub-stream that seeds torch's generator (and so the dropout masks) per (rank, epoch)
+MASK_STREAM = 2
 #: the validation split does not depend on the run's seed: every run is judged on the same examples
 VAL_SPLIT_SEED = 0
 EVAL_BATCH = 1000
@@ -102,6 +111,9 @@ class TrainConfig:
     data_dir: str | None = None
     limit_train: int | None = None
     limit_test: int | None = None
+    rate: str = "fixed"
+    drop_schedule: str = "constant"
+    drop_cutoff: int = 0
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting outside its allowed range."""
@@ -131,6 +143,15 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1 (or unset for all examples), got {value}")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63 - 1], got {self.seed}")
+        _check_choice("rate", self.rate, RATES)
+        _check_choice("drop_schedule", self.drop_schedule, DROP_SCHEDULES)
+        if self.rate != "fixed" and self.drop_schedule != "constant":
+            raise ValueError(f"drop_schedule {self.drop_schedule!r} applies to a fixed rate, not rate={self.rate!r}")
+        if self.drop_schedule in ("early", "late") and not 1 <= self.drop_cutoff < self.epochs:
+            raise ValueError(f"drop_cutoff must be in [1, epochs={self.epochs}) for {self.drop_schedule} dropout, "
+                             f"got {self.drop_cutoff}")
+        if self.rate == "auto" and self.val_size == 0:
+            raise ValueError("rate 'auto' steers p from the validation loss: val_size must be > 0")
 
     def to_dict(self) -> dict[str, Any]:
         """The config as JSON-ready data (tuples become lists, as they would in config.json)."""
@@ -214,7 +235,13 @@ def hidden_linears(model: nn.Module) -> list[nn.Linear]:
 
 
 def _make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    params, lr, wd = model.parameters(), config.lr, config.weight_decay
+    """The optimiser; weight decay applies to weights, never to Concrete Dropout's learnt rate logits."""
+    named = list(model.named_parameters())
+    rates = [p for name, p in named if name.endswith("p_logit")]
+    params = [{"params": [p for name, p in named if not name.endswith("p_logit")]}]
+    if rates:
+        params.append({"params": rates, "weight_decay": 0.0})
+    lr, wd = config.lr, config.weight_decay
     if config.optimizer in ("sgd", "nesterov"):
         nesterov = config.optimizer == "nesterov"
         return torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=wd, nesterov=nesterov)
@@ -263,57 +290,72 @@ def peak_rss_mib() -> float:
 
 
 def _train_epoch(
-    model: nn.Module,
+    net: nn.Module,
     batches: BatchIterator,
     optimizer: torch.optim.Optimizer,
-    constrained: list[nn.Linear],
-    max_norm: float | None,
+    hooks: _StepHooks,
     progress: tqdm,
 ) -> dict[str, float]:
-    """One pass over the training batches in training mode; returns loss, accuracy, saved_mib."""
-    model.train()
+    """One pass over this rank's training batches in training mode; returns loss, accuracy and
+    saved_mib, the first two summed over all ranks."""
+    net.train()
     loss_sum, correct, seen = 0.0, 0, 0
-    saved = _SavedForBackward(model.parameters())
+    saved = _SavedForBackward(net.parameters())
     for i, (x, y) in enumerate(batches):
-        measure = saved.hooks() if i == 0 else contextlib.nullcontext()
-        with measure:
-            logits = model(x)
+        hooks.before_step(i)
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t) if i == 0 else nullcontext():
+            logits = net(x)
             loss = F.cross_entropy(logits, y)
+            objective = loss + hooks.regulariser() if hooks.regulariser else loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         optimizer.step()
-        if max_norm is not None:
-            apply_max_norm(constrained, max_norm)
+        hooks.after_step()
         loss_sum += loss.item() * len(y)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
         progress.update(1)
         if i % 20 == 0:
             progress.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}", refresh=False)
+    loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen])
     return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "saved_mib": saved.mib}
 
 
+@dataclass
+class _StepHooks:
+    """What happens around each optimiser step besides the step itself: the rate callback's
+    per-step call, the Concrete Dropout regulariser added to the loss, and max-norm."""
+
+    model: nn.Module
+    callback: ScheduleCallback | OverfitController | None
+    regulariser: Callable[[], torch.Tensor] | None
+    constrained: list[nn.Linear]
+    max_norm: float | None
+    epoch: int = 0
+    first_step: int = 0
+
+    def before_step(self, i: int) -> None:
+        if self.callback is not None:
+            self.callback.on_step_begin(self.model, self.first_step + i, self.epoch)
+
+    def after_step(self) -> None:
+        if self.max_norm is not None:
+            apply_max_norm(self.constrained, self.max_norm)
+
+
 def evaluate(model: nn.Module, split: Split) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy on ``split`` in eval mode (every unit, no dropout)."""
+    """Mean cross-entropy and accuracy on ``split`` in eval mode (every unit, no dropout); in a
+    distributed run each rank scores its shard and the sums are reduced."""
     model.eval()
+    part = split.shard(distributed.rank(), distributed.world_size())
     loss_sum, correct = 0.0, 0
     with torch.inference_mode():
-        for x, y in BatchIterator(split, EVAL_BATCH, shuffle=False):
+        for x, y in BatchIterator(part, EVAL_BATCH, shuffle=False):
             logits = model(x)
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())
-    return loss_sum / len(split), correct / len(split)
-
-
-def _rng_state(shuffle: torch.Generator) -> dict[str, torch.Tensor]:
-    """Every random state a run draws from: torch's global generator (weights, and dropkit's masks,
-    which take their seeds from it; see dropkit.rng) and the batch-shuffling generator."""
-    return {"torch": torch.get_rng_state(), "shuffle": shuffle.get_state()}
-
-
-def _set_rng_state(state: dict[str, torch.Tensor], shuffle: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    shuffle.set_state(state["shuffle"])
+    loss_sum, correct, n = distributed.all_reduce_sum([loss_sum, correct, len(part)])
+    return loss_sum / n, correct / n
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -349,51 +391,94 @@ def train(
     With ``resume=True`` a run continues from ``out_dir``'s checkpoint (a fresh start when there is
     none) and ends with the same figures as an uninterrupted run. Without it, ``out_dir`` is
     overwritten. The progress bar goes to stderr, and only when it is a terminal and not ``quiet``.
+
+    Inside a distributed run (see :mod:`dropkit.distributed`) the model is wrapped in
+    DistributedDataParallel, each rank trains on its slice of every global batch with its own
+    masks, metrics are reduced over the ranks, and only rank 0 prints and writes files; every rank
+    reads the checkpoint when resuming.
     """
     config.validate()
     if resume and out_dir is None:
         raise ValueError("resume needs an output folder (out_dir) holding the run's checkpoint")
+    rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
     rate = main_rate(config.model, config.p, **config.model_kwargs)
     train_split, val_split, test_split = load_splits(
         config.dataset, config.data_dir, config.val_size, config.limit_train, config.limit_test
     )
     rng.manual_seed(config.seed)
     model = build_model(config.model, config.p, **config.model_kwargs)
+    if config.rate == "concrete":
+        to_concrete(model, **dict(zip(("weight_regularizer", "dropout_regularizer"),
+                                      regularizer_weights(len(train_split)))))
     optimizer = _make_optimizer(config, model)
     scheduler = _make_scheduler(config, optimizer)
+    callback = _rate_callback(config, rate)
     shuffle = torch.Generator().manual_seed(rng.derive_seed(config.seed, SHUFFLE_STREAM))
     history: list[dict[str, Any]] = []
     out = Path(out_dir) if out_dir is not None else None
 
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         if resume and (out / CHECKPOINT).exists():
-            history = _load_checkpoint(out / CHECKPOINT, config, model, optimizer, scheduler, shuffle)
-        _write_text(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
-        _write_text(out / METRICS, "".join(json.dumps(row) + "\n" for row in history))
+            history = _load_checkpoint(out / CHECKPOINT, config, model, optimizer, scheduler, shuffle, callback)
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            _write_text(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+            _write_text(out / METRICS, "".join(json.dumps(row) + "\n" for row in history))
 
-    batches = BatchIterator(train_split, config.batch_size, generator=shuffle)
-    constrained = hidden_linears(model) if config.max_norm is not None else []
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    batches = BatchIterator(train_split, config.batch_size, generator=shuffle, rank=rank, world=world)
+    hooks = _StepHooks(model, callback, (lambda: concrete_regularisation(model)) if config.rate == "concrete" else None,
+                       hidden_linears(model) if config.max_norm is not None else [], config.max_norm)
+    if callback is not None:
+        callback.on_train_begin(model, config.epochs * len(batches), config.epochs)
     for epoch in range(len(history) + 1, config.epochs + 1):
+        torch.manual_seed(rng.derive_seed(config.seed, MASK_STREAM, rank, epoch))
+        hooks.epoch, hooks.first_step = epoch - 1, (epoch - 1) * len(batches)
         lr = optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
-        with _progress(len(batches), f"epoch {epoch}/{config.epochs} p={rate:g}", quiet) as bar:
-            fit = _train_epoch(model, batches, optimizer, constrained, config.max_norm, bar)
+        with _progress(len(batches), f"epoch {epoch}/{config.epochs}", quiet or not main) as bar:
+            fit = _train_epoch(net, batches, optimizer, hooks, bar)
         seconds = time.perf_counter() - start
         if scheduler is not None:
             scheduler.step()
-        row = _epoch_row(epoch, rate, lr, fit, _evaluate_all(model, val_split, test_split), seconds)
+        row = _epoch_row(epoch, _current_rate(config, model, callback, rate), lr, fit,
+                         _evaluate_all(model, val_split, test_split), seconds)
+        if config.rate == "concrete":
+            row["concrete_p"] = concrete_rates(model)
         history.append(row)
-        if out is not None:
+        if callback is not None:
+            callback.on_epoch_end(model, epoch - 1, row)
+        if out is not None and main:
             with open(out / METRICS, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
-            _save_checkpoint(out / CHECKPOINT, config, model, optimizer, scheduler, shuffle, history)
+            _save_checkpoint(out / CHECKPOINT, config, model, optimizer, scheduler, shuffle, history, callback)
 
     model.eval()
     result = TrainResult(config, history, model, out)
-    if out is not None:
+    if out is not None and main:
         _write_text(out / "result.json", json.dumps(result.summary(), indent=2) + "\n")
     return result
+
+
+def _rate_callback(config: TrainConfig, rate: float) -> ScheduleCallback | OverfitController | None:
+    """The callback that moves p during the run: a schedule of the fixed rate, or the controller."""
+    if config.rate == "auto":
+        return OverfitController(p_init=rate)
+    schedules = {
+        "curriculum": lambda: ScheduleCallback(CurriculumRamp(rate), unit="step"),
+        "early": lambda: ScheduleCallback(EarlyDropout(rate, config.drop_cutoff, shape="linear"), unit="epoch"),
+        "late": lambda: ScheduleCallback(LateDropout(rate, config.drop_cutoff), unit="epoch"),
+    }
+    return schedules[config.drop_schedule]() if config.drop_schedule in schedules else None
+
+
+def _current_rate(config: TrainConfig, model: nn.Module, callback: Any, rate: float) -> float:
+    """The main rate the epoch trained with: the callback's, the largest learnt rate, or the fixed one."""
+    if callback is not None:
+        return callback.current_p
+    if config.rate == "concrete":
+        return max(concrete_rates(model).values())
+    return rate
 
 
 def _evaluate_all(model: nn.Module, val: Split, test: Split) -> dict[str, Any]:
@@ -433,15 +518,18 @@ def _save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     shuffle: torch.Generator,
     history: list[dict[str, Any]],
+    callback: Any,
 ) -> None:
-    """Everything needed to continue the run, as plain tensors and containers (``weights_only``-loadable)."""
+    """Everything a resumed run needs, written atomically. torch's global generator is not saved:
+    it is reseeded from (seed, rank, epoch) at each epoch, which also keeps every rank's masks apart."""
     state = {
         "config": config.to_dict(),
         "epoch": len(history),
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "rng": _rng_state(shuffle),
+        "shuffle": shuffle.get_state(),
+        "rate_controller": callback.state_dict() if isinstance(callback, OverfitController) else None,
         "history": history,
     }
     _atomic_write(path, lambda tmp: torch.save(state, tmp))
@@ -454,6 +542,7 @@ def _load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     shuffle: torch.Generator,
+    callback: Any,
 ) -> list[dict[str, Any]]:
     """Restore a run from ``path`` into the objects given; returns the metrics of the epochs done."""
     state = torch.load(path, weights_only=True)
@@ -462,7 +551,9 @@ def _load_checkpoint(
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"], shuffle)
+    shuffle.set_state(state["shuffle"])
+    if isinstance(callback, OverfitController):
+        callback.load_state_dict(state["rate_controller"])
     return state["history"]
 
 

@@ -14,9 +14,18 @@ import json
 import sys
 from pathlib import Path
 
-from dropkit.commands.options import add_run_options, config_from_args, float_in
+from dropkit import distributed
+from dropkit.commands.options import add_run_options, config_from_args, float_in, int_at_least
 from dropkit.models import main_rate
-from dropkit.train import TrainConfig, TrainResult, train
+from dropkit.train import DROP_SCHEDULES, TrainConfig, train
+
+
+RATE_MODES = ("auto", "concrete")
+
+
+def _rate(text: str) -> float | str:
+    """A --p value: a float in [0, 1], or ``auto`` (the overfitting controller) or ``concrete`` (learnt)."""
+    return text if text in RATE_MODES else float_in(0, 1)(text)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -26,8 +35,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="train a model at one or more dropout rates and compare them",
         description=__doc__.split("\n\n")[0],
     )
-    parser.add_argument("--p", type=float_in(0, 1), nargs="+", default=[None], metavar="P",
-                        help="main dropout rate(s) in [0, 1], one run each (default: the model's own)")
+    parser.add_argument("--p", type=_rate, nargs="+", default=[None], metavar="P",
+                        help="main dropout rate(s) in [0, 1], one run each (default: the model's own); "
+                             "'auto' lets dropkit's controller steer p from the validation loss, "
+                             "'concrete' learns p by Concrete Dropout")
+    parser.add_argument("--p-schedule", choices=DROP_SCHEDULES, default="constant",
+                        help="how a fixed p evolves: constant; curriculum (ramp from 0, Morerio et al. 2017); "
+                             "early (p decaying to 0 by --p-cutoff) or late (0 until --p-cutoff), Liu et al. 2023")
+    parser.add_argument("--p-cutoff", type=int_at_least(1), default=0,
+                        help="epoch where early dropout ends or late dropout starts")
+    parser.add_argument("--nproc", type=int_at_least(1), default=1,
+                        help="data-parallel worker processes on this machine (torch.distributed, gloo on CPU)")
     add_run_options(parser)
     out = parser.add_argument_group("output")
     out.add_argument("--out", type=Path, default=None, help="folder for the runs (DIR/p=<p>/) and summary.json")
@@ -38,47 +56,81 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _configs(args: argparse.Namespace) -> list[TrainConfig]:
     """One validated config per ``--p`` value; all are checked before any training starts."""
-    return [config_from_args(args, p=p) for p in args.p]
+    return [
+        config_from_args(args, p=None, rate=p, drop_schedule=args.p_schedule, drop_cutoff=args.p_cutoff)
+        if p in RATE_MODES else
+        config_from_args(args, p=p, drop_schedule=args.p_schedule, drop_cutoff=args.p_cutoff)
+        for p in args.p
+    ]
+
+
+def _label(config: TrainConfig) -> str:
+    """The run's folder name: its rate, or its rate mode."""
+    if config.rate != "fixed":
+        return f"p={config.rate}"
+    return f"p={main_rate(config.model, config.p, **config.model_kwargs):g}"
+
+
+def train_runs(configs: list[TrainConfig], out: Path | None, resume: bool, quiet: bool) -> list[dict]:
+    """Train each config in turn (in this process, or as one rank of a distributed job); returns,
+    per run, its summary and history (plain data, so it can cross process boundaries)."""
+    runs = []
+    for config in configs:
+        run_dir = out / _label(config) if out is not None else None
+        result = train(config, run_dir, resume=resume, quiet=quiet)
+        if not quiet and distributed.is_main():
+            print(f"{_label(config)}: test acc {_percent(result.final['test_acc'])} after "
+                  f"{len(result.history)} epochs" + (f" -> {run_dir}" if run_dir else ""), file=sys.stderr)
+        runs.append({"out_dir": str(run_dir) if run_dir else None, "history": result.history, **result.summary()})
+    return runs
 
 
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
-def format_table(results: list[TrainResult]) -> str:
-    """The side-by-side table: one row per rate, final-epoch figures."""
-    header = f"{'p':>5} {'train acc':>10} {'val acc':>9} {'test acc':>9} {'gap':>8} {'s/epoch':>8}"
+def format_table(runs: list[dict]) -> str:
+    """The side-by-side table: one row per run, final-epoch figures."""
+    header = f"{'p':>9} {'train acc':>10} {'val acc':>9} {'test acc':>9} {'gap':>8} {'s/epoch':>8}"
     lines = [header]
-    for result in results:
-        row = result.final
+    for run in runs:
+        row, rate = run["final"], run["config"]["rate"]
+        p = f"{row['p']:g}" if rate == "fixed" else f"{rate}:{row['p']:.2f}"
         lines.append(
-            f"{row['p']:>5g} {_percent(row['train_acc']):>10} {_percent(row['val_acc']):>9} "
-            f"{_percent(row['test_acc']):>9} {100 * row['gap']:>+7.2f}% {result.summary()['seconds_per_epoch']:>8.2f}"
+            f"{p:>9} {_percent(row['train_acc']):>10} {_percent(row['val_acc']):>9} "
+            f"{_percent(row['test_acc']):>9} {100 * row['gap']:>+7.2f}% {run['seconds_per_epoch']:>8.2f}"
         )
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train one run per rate, print the table, and write summary.json when ``--out`` is given."""
+    """Train one run per rate, print the table, and write summary.json when ``--out`` is given.
+
+    With ``--nproc N`` the runs are trained by N worker processes; inside a job that ``torchrun``
+    started (e.g. across machines) this process is one of its ranks and joins the others.
+    """
     if args.resume and args.out is None:
         raise ValueError("--resume needs --out DIR, the folder of the runs to continue")
     if len(set(args.p)) < len(args.p):
-        raise ValueError(f"--p values must differ (each is one run), got {' '.join(f'{p:g}' for p in args.p)}")
-    results = []
-    for config in _configs(args):
-        rate = main_rate(config.model, config.p, **config.model_kwargs)
-        run_dir = args.out / f"p={rate:g}" if args.out is not None else None
-        result = train(config, run_dir, resume=args.resume, quiet=args.quiet)
-        if not args.quiet:
-            print(f"p={result.final['p']:g}: test acc {_percent(result.final['test_acc'])} after "
-                  f"{len(result.history)} epochs" + (f" -> {run_dir}" if run_dir else ""), file=sys.stderr)
-        results.append(result)
-    first = results[0].config
+        raise ValueError(f"--p values must differ (each is one run), got {' '.join(str(p) for p in args.p)}")
+    configs = _configs(args)
+    if distributed.launched_by_torchrun():
+        distributed.share_cores()
+        with distributed.process_group():
+            runs = train_runs(configs, args.out, args.resume, args.quiet)
+            main = distributed.is_main()
+    elif args.nproc > 1:
+        runs, main = distributed.launch(args.nproc, train_runs, configs, args.out, args.resume, True), True
+    else:
+        runs, main = train_runs(configs, args.out, args.resume, args.quiet), True
+    if not main:
+        return 0
+    first = configs[0]
     print(f"{first.model} on {first.dataset}: {first.epochs} epochs, {first.optimizer} lr {first.lr:g}, "
-          f"batch {first.batch_size}, seed {first.seed}")
-    print(format_table(results))
+          f"batch {first.batch_size}, seed {first.seed}" + (f", {args.nproc} processes" if args.nproc > 1 else ""))
+    print(format_table(runs))
     print("train acc: measured during the last epoch with dropout active; val/test acc: eval mode, every unit.")
     if args.out is not None:
-        summary = {"runs": [{"out_dir": str(r.out_dir), **r.summary()} for r in results]}
+        summary = {"runs": [{k: v for k, v in r.items() if k != "history"} for r in runs]}
         (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return 0

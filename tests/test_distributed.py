@@ -1,0 +1,134 @@
+"""Data-parallel training on torch.distributed (gloo, CPU): equivalence, per-rank masks,
+repeatability, resume after a kill, and no hang when a rank fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import dropkit
+from dropkit import distributed, rng
+from dropkit.train import MASK_STREAM
+
+SLICE = ["--limit-train", "6000", "--limit-test", "2000", "--val-size", "500", "--p", "0.5", "--quiet"]
+NOISY_KEYS = {"seconds", "eval_seconds", "peak_rss_mib", "saved_mib"}
+
+
+def _dropkit(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "dropkit", "train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
+
+
+def _train(out: Path, *args: str) -> list[dict]:
+    proc = _dropkit(*SLICE, "--out", str(out), *args)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return [json.loads(line) for line in (out / "p=0.5" / "metrics.jsonl").read_text().splitlines()]
+
+
+def _stable(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in NOISY_KEYS} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory) -> list[dict]:
+    return _train(tmp_path_factory.mktemp("ddp") / "a", "--epochs", "2", "--nproc", "2")
+
+
+def test_two_processes_match_one_at_the_same_global_batch(two_process_run, tmp_path):
+    single = _train(tmp_path / "one", "--epochs", "2")
+    assert len(two_process_run) == len(single) == 2
+    assert abs(two_process_run[-1]["test_acc"] - single[-1]["test_acc"]) <= 0.01
+
+
+def test_same_seed_and_world_size_give_the_same_run(two_process_run, tmp_path):
+    again = _train(tmp_path / "b", "--epochs", "2", "--nproc", "2")
+    assert _stable(again) == _stable(two_process_run)
+
+
+def test_a_killed_run_resumes_to_the_same_end(two_process_run, tmp_path):
+    out = tmp_path / "killed"
+    proc = _dropkit(*SLICE, "--out", str(out), "--epochs", "2", "--nproc", "2")
+    metrics = out / "p=0.5" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1) and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers, mid second epoch
+    proc.wait()
+    assert metrics.read_text().count("\n") == 1
+    resumed = _train(out, "--epochs", "2", "--nproc", "2", "--resume")
+    assert _stable(resumed) == _stable(two_process_run)
+
+
+def _masks_per_rank(seed: int) -> list[torch.Tensor]:
+    """Draw a mask the way dropkit.train seeds each rank's first epoch; gather every rank's mask."""
+    torch.manual_seed(rng.derive_seed(seed, MASK_STREAM, distributed.rank(), 1))
+    mask = dropkit.dropout(torch.ones(4096), 0.5, training=True) != 0
+    gathered = [None] * distributed.world_size()
+    dist.all_gather_object(gathered, mask)
+    return gathered
+
+
+def test_ranks_draw_different_masks():
+    masks = distributed.launch(2, _masks_per_rank, 0)
+    assert len(masks) == 2
+    assert not torch.equal(masks[0], masks[1])
+    assert 0.4 < float(masks[0].float().mean()) < 0.6
+
+
+def _raise_on_rank_one() -> None:
+    if distributed.rank() == 1:
+        raise RuntimeError("injected failure")
+    distributed.barrier()  # rank 0 would wait here forever for its dead peer
+
+
+def test_a_rank_that_raises_stops_the_job_naming_the_rank():
+    start = time.time()
+    with pytest.raises(distributed.WorkerFailed, match="rank 1 failed.*injected failure"):
+        distributed.launch(2, _raise_on_rank_one)
+    assert time.time() - start < 60
+
+
+def _workers(pid: int) -> list[int]:
+    """The worker processes the launcher in ``pid`` spawned (not multiprocessing's resource tracker)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as handle:
+        children = [int(c) for c in handle.read().split()]
+    workers = []
+    for child in children:
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"multiprocessing-fork" in cmdline or b"spawn_main" in cmdline:
+            workers.append(child)
+    return workers
+
+
+def test_a_killed_rank_ends_the_job_with_an_error_within_60s(tmp_path):
+    proc = _dropkit(*SLICE, "--out", str(tmp_path), "--epochs", "50", "--nproc", "2")
+    deadline = time.time() + 120
+    workers: list[int] = []
+    while len(workers) < 2 and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        workers = _workers(proc.pid)
+        time.sleep(0.2)
+    assert len(workers) == 2, f"expected 2 workers, saw {workers}"
+    time.sleep(5)  # let the workers get into training
+    victim = workers[1]
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.time()
+    _, err = proc.communicate(timeout=90)
+    assert time.time() - killed_at < 60
+    assert proc.returncode != 0
+    assert re.search(rf"rank [01] \(pid {victim}\) failed", err), err[-2000:]
