@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dropkit import distributed
 from dropkit.models import MODELS
 from dropkit.train import TrainConfig, train
 
@@ -74,11 +75,13 @@ def _run_one(config: TrainConfig, out_dir: str, resume: bool) -> dict[str, Any]:
 
 
 def run_settings(
-    base: TrainConfig, settings: list[Setting], out_dir: str | Path, *, resume: bool = False, isolate: bool = True
+    base: TrainConfig, settings: list[Setting], out_dir: str | Path, *, resume: bool = False, isolate: bool = True,
+    nproc: int = 1,
 ) -> list[dict[str, Any]]:
     """Train every setting (one after another, so timings are not shared) under ``out_dir/<label>``.
 
     With ``isolate`` each run gets a fresh process, so its ``peak_rss_mib`` is its own; with
+    ``nproc`` > 1 each run is a data-parallel job of that many processes (rank 0's figures); with
     ``resume`` finished runs are read back and a killed one continues from its checkpoint.
     """
     if not settings:
@@ -92,7 +95,9 @@ def run_settings(
         config = setting.apply(base)
         config.validate()
         run_dir = str(out / setting.label)
-        if isolate:
+        if nproc > 1:
+            outcome = distributed.launch(nproc, _run_one, config, run_dir, resume)
+        elif isolate:
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
                 outcome = pool.submit(_run_one, config, run_dir, resume).result()

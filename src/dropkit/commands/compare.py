@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dropkit.commands.options import add_run_options, config_from_args, float_in
+from dropkit.commands.options import add_run_options, config_from_args, float_in, int_at_least
 from dropkit.compare import REGULARISERS, p_settings, reg_settings, run_settings, summarise
 from dropkit.report import write_report
 
@@ -23,6 +23,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-norm-c", type=float, default=3.0, help="max-norm bound of the --reg maxnorm settings")
     parser.add_argument("--out", default="runs/compare", help="folder for the runs and report.html/report.json")
     parser.add_argument("--resume", action="store_true", help="continue a killed comparison from its checkpoints")
+    parser.add_argument("--nproc", type=int_at_least(1), default=1,
+                        help="data-parallel worker processes per run (torch.distributed, gloo on CPU)")
     add_run_options(parser)
     parser.set_defaults(func=run)
 
@@ -34,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         settings = reg_settings(args.model, args.reg, p=args.dropout_p, l2=args.l2, max_norm=args.max_norm_c)
     print(f"dropkit compare: {len(settings)} settings x {base.epochs} epochs of {base.model} on {base.dataset}")
-    runs = run_settings(base, settings, args.out, resume=args.resume)
+    runs = run_settings(base, settings, args.out, resume=args.resume, nproc=args.nproc)
     summary = summarise(runs)
     context = {"model": base.model, "dataset": base.dataset, "epochs": base.epochs, "optimizer": base.optimizer,
                "lr": base.lr, "batch_size": base.batch_size, "seed": base.seed}
