@@ -1,0 +1,69 @@
+"""Reference training runs of the experiment issue: published anchors against dropkit's models.
+
+The tutorial MLP's anchors are checked by ``dropkit compare --p 0 0.1 0.2 0.5`` instead, whose
+report is the point of that row. Each run here is a :func:`dropkit.train.train` call written under ``--out/<name>/`` with a checkpoint
+per epoch, so a killed script picks up where it stopped (``train(..., resume=True)``). Prints one
+JSON line per finished run (name, target, final and best-validation figures, seconds) and writes
+``summary.json``. Not a test: these take minutes to tens of minutes each on 2 cores.
+
+    python benchmarks/reference_runs.py --only tutorial fashion_mlp --out runs/reference
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from dropkit.train import TrainConfig, train
+
+#: name -> (config, the target or anchor it is judged against)
+RUNS: dict[str, tuple[TrainConfig, str]] = {
+    "srivastava_dropout_maxnorm": (
+        TrainConfig(model="srivastava_mlp", optimizer="nesterov", lr=0.05, momentum=0.9, max_norm=3.0,
+                    schedule="cosine", epochs=40),
+        "<= 1.06 % error (Srivastava et al. 2014, Table 2)"),
+    "srivastava_no_dropout": (
+        TrainConfig(model="srivastava_mlp", p=0.0, model_kwargs={"p_input": 0.0}, optimizer="nesterov", lr=0.05,
+                    momentum=0.9, schedule="cosine", epochs=40),
+        ">= 0.25 points worse than dropout + max-norm at equal epochs"),
+    "fashion_mlp": (
+        TrainConfig(model="srivastava_mlp", dataset="fashion-mnist", optimizer="nesterov", lr=0.05, momentum=0.9,
+                    max_norm=3.0, schedule="cosine", epochs=30),
+        ">= 90.5 % (anchor 90.0 %, MLP 256-128-64)"),
+    "fashion_cnn": (
+        TrainConfig(model="cnn", dataset="fashion-mnist", optimizer="adam", lr=1e-3, schedule="cosine", epochs=15),
+        ">= 93.0 % (anchor 92.6 %, 3 conv + 2 FC + dropout)"),
+    "mnist_lstm": (
+        TrainConfig(model="lstm", optimizer="adam", lr=2e-3, schedule="cosine", epochs=10), ">= 98.5 %"),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", choices=list(RUNS), default=list(RUNS))
+    parser.add_argument("--out", type=Path, default=Path("runs/reference"))
+    args = parser.parse_args()
+    summary_path = args.out / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    for name in args.only:
+        config, target = RUNS[name]
+        start = time.perf_counter()
+        result = train(config, args.out / name, resume=True, quiet=True)
+        best = result.best_val
+        record = {
+            "name": name, "target": target, "model": config.model, "dataset": config.dataset,
+            "epochs": len(result.history), "final_test_acc": result.final["test_acc"],
+            "final_train_acc": result.final["train_acc"], "best_val_epoch": best["epoch"],
+            "best_val_acc": best["val_acc"], "test_acc_at_best_val": best["test_acc"],
+            "seconds_this_call": round(time.perf_counter() - start, 1),
+            "seconds_per_epoch": result.summary()["seconds_per_epoch"],
+        }
+        summary[name] = record
+        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+        print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()
