@@ -17,6 +17,7 @@ forward, seen through ``torch.autograd.graph.saved_tensors_hooks``.
 from __future__ import annotations
 
 import math
+import os
 import platform
 import statistics
 import time
@@ -47,6 +48,7 @@ def environment() -> dict:
         "machine": platform.machine(),
         "processor": _cpu_name(),
         "python": platform.python_version(),
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
 
 

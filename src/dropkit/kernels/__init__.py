@@ -24,6 +24,10 @@ from dropkit.kernels import cpu, reference
 
 __all__ = ["compiled", "gaussian", "keep_mask", "masked", "masked_from_bits", "reference"]
 
+#: elements per thread below which a kernel runs on fewer threads (see _set_threads)
+MIN_ELEMENTS_PER_THREAD = 2**18
+#: a Box-Muller draw (log, cos, sqrt) costs about as much as this many selects
+_GAUSSIAN_COST = 32
 _NATIVE = (torch.float32, torch.float64, torch.bfloat16)
 _KIND_CODES = {"dropout": cpu.DROPOUT, "alpha": cpu.ALPHA, "alpha_grad": cpu.ALPHA_GRAD}
 
@@ -52,7 +56,7 @@ def masked(
     bits = torch.empty(-(-x.numel() // 8), dtype=torch.uint8)
     a, b, c = _constants(kind, p, x.dtype)
     k0, k1 = _key(seed)
-    _set_threads()
+    _set_threads(x.numel())
     cpu.masked_seed(_array(x), _array(out), bits.numpy(), k0, k1, offset, rng.threshold(p),
                     _KIND_CODES[kind], a, b, c, save_bits)
     return out, bits if save_bits else None
@@ -67,7 +71,7 @@ def masked_from_bits(x: torch.Tensor, bits: torch.Tensor, p: float, kind: str) -
         return masked_from_bits(x.float(), bits, p, kind).half()
     out = torch.empty_like(x)
     a, b, c = _constants(kind, p, x.dtype)
-    _set_threads()
+    _set_threads(x.numel())
     cpu.masked_bits(_array(x), _array(out), bits.contiguous().numpy(), _KIND_CODES[kind], a, b, c)
     return out
 
@@ -81,7 +85,7 @@ def gaussian(x: torch.Tensor, seed: int, p: float, offset: int = 0) -> torch.Ten
         return gaussian(x.float(), seed, p, offset).half()
     out = torch.empty_like(x)
     k0, k1 = _key(seed)
-    _set_threads()
+    _set_threads(x.numel() * _GAUSSIAN_COST)
     cpu.gaussian(_array(x), _array(out), k0, k1, offset, math.sqrt(p / (1.0 - p)))
     return out
 
@@ -94,7 +98,7 @@ def keep_mask(
         return reference.keep_mask(seed, p, shape, offset, device)
     out = torch.empty(shape, dtype=torch.bool)
     k0, k1 = _key(seed)
-    _set_threads()
+    _set_threads(out.numel())
     cpu.keep_mask(out.numpy().reshape(-1), k0, k1, offset, rng.threshold(p))
     return out
 
@@ -117,6 +121,14 @@ def _key(seed: int) -> tuple[np.uint64, np.uint64]:
     return np.uint64(seed & rng.MASK32), np.uint64((seed >> 32) & rng.MASK32)
 
 
-def _set_threads() -> None:
-    """Run numba's parallel loops on as many threads as torch's intra-op pool."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+def _set_threads(work: int) -> None:
+    """Size numba's thread team like torch's intra-op pool, with at least
+    :data:`MIN_ELEMENTS_PER_THREAD` elements' worth of ``work`` per thread.
+
+    numba's and torch's thread pools are two OpenMP runtimes, and an OpenMP worker spins for a
+    while after each parallel region. On a machine with as many cores as threads, a kernel that
+    follows a torch op therefore shares a core with torch's spinning worker (and vice versa), which
+    costs more than a small kernel's whole run; a small kernel runs on the calling thread alone.
+    """
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, work // MIN_ELEMENTS_PER_THREAD)
+    numba.set_num_threads(max(1, threads))
