@@ -10,7 +10,8 @@ from dropkit.train import TrainConfig
 
 
 def _run(label, p, train_acc, test_acc, val_acc, seconds=1.0, saved=1.0, other_rates=None):
-    row = {"epoch": 1, "p": p, "train_acc": train_acc, "test_acc": test_acc, "val_acc": val_acc,
+    row = {"epoch": 1, "p": p, "train_acc": train_acc, "train_eval_acc": train_acc, "test_acc": test_acc,
+           "val_acc": val_acc,
            "gap": train_acc - test_acc, "seconds": seconds, "peak_rss_mib": 100.0, "saved_mib": saved}
     return {"label": label, "config": {"p": p, "model_kwargs": other_rates or {}}, "history": [row]}
 
@@ -45,7 +46,8 @@ def test_summary_finds_baseline_best_and_says_what_happened():
     assert rows["p=0.5"]["gap_vs_baseline"] == pytest.approx(-0.01 - 0.04)
     text = " ".join(summary["statements"])
     assert "p=0.5: the train-test gap was -1.00% against 4.00% for p=0, so it reduced overfitting" in text
-    assert "p=0.8 lowered both training and test accuracy: the network underfits" in text
+    assert "p=0.8 fits the training data less well (80.00% against 99.00%, every unit on)" in text
+    assert "p=0.5 fits the training data less well" in text and "p=0.5: the train-test gap" in text
     assert "Best on validation data: p=0" in text
 
 

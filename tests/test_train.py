@@ -41,12 +41,13 @@ def test_a_short_run_learns_and_reports_every_metric():
     final = result.final
     assert final["test_acc"] > 0.8 and final["val_acc"] > 0.8  # chance is 0.1; 32 Adam steps on MNIST give ~0.85
     assert final["train_loss"] < result.history[0]["train_loss"]
-    assert final["gap"] == pytest.approx(final["train_acc"] - final["test_acc"])
+    assert final["gap"] == pytest.approx(final["train_eval_acc"] - final["test_acc"])
     assert final["p"] == 0.2 and final["lr"] == 1e-3
     assert final["seconds"] > 0 and final["peak_rss_mib"] > 50 and final["saved_mib"] > 0
     assert not result.model.training
-    test = load_splits("mnist", None, 500, 2000, 500)[2]
+    train_part, _, test = load_splits("mnist", None, 500, 2000, 500)
     assert evaluate(result.model, test) == (pytest.approx(final["test_loss"]), final["test_acc"])
+    assert evaluate(result.model, train_part) == (pytest.approx(final["train_eval_loss"]), final["train_eval_acc"])
 
 
 def test_saved_for_backward_counts_activations_per_batch():

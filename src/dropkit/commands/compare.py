@@ -51,10 +51,12 @@ def run(args: argparse.Namespace) -> int:
 
 def format_table(summary: dict) -> str:
     """The per-setting figures as an aligned text table."""
-    header = f"{'setting':<18}{'train acc':>10}{'val acc':>9}{'test acc':>10}{'gap':>8}{'s/epoch':>9}{'saved MiB':>11}"
+    header = (f"{'setting':<18}{'train acc':>10}{'train eval':>11}{'val acc':>9}{'test acc':>10}{'gap':>8}"
+              f"{'s/epoch':>9}{'saved MiB':>11}")
     lines = [header, "-" * len(header)]
     for row in summary["settings"]:
         val = f"{100 * row['val_acc']:.2f}" if row["val_acc"] is not None else "-"
-        lines.append(f"{row['label']:<18}{100 * row['train_acc']:>10.2f}{val:>9}{100 * row['test_acc']:>10.2f}"
+        lines.append(f"{row['label']:<18}{100 * row['train_acc']:>10.2f}{100 * row['train_eval_acc']:>11.2f}"
+                     f"{val:>9}{100 * row['test_acc']:>10.2f}"
                      f"{100 * row['gap']:>+8.2f}{row['seconds_per_epoch']:>9.2f}{row['saved_mib']:>11.2f}")
     return "\n".join(lines)

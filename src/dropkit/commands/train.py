@@ -91,13 +91,13 @@ def _percent(value: float | None) -> str:
 
 def format_table(runs: list[dict]) -> str:
     """The side-by-side table: one row per run, final-epoch figures."""
-    header = f"{'p':>9} {'train acc':>10} {'val acc':>9} {'test acc':>9} {'gap':>8} {'s/epoch':>8}"
+    header = f"{'p':>9} {'train acc':>10} {'train eval':>11} {'val acc':>9} {'test acc':>9} {'gap':>8} {'s/epoch':>8}"
     lines = [header]
     for run in runs:
         row, rate = run["final"], run["config"]["rate"]
         p = f"{row['p']:g}" if rate == "fixed" else f"{rate}:{row['p']:.2f}"
         lines.append(
-            f"{p:>9} {_percent(row['train_acc']):>10} {_percent(row['val_acc']):>9} "
+            f"{p:>9} {_percent(row['train_acc']):>10} {_percent(row['train_eval_acc']):>11} {_percent(row['val_acc']):>9} "
             f"{_percent(row['test_acc']):>9} {100 * row['gap']:>+7.2f}% {run['seconds_per_epoch']:>8.2f}"
         )
     return "\n".join(lines)
@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{first.model} on {first.dataset}: {first.epochs} epochs, {first.optimizer} lr {first.lr:g}, "
           f"batch {first.batch_size}, seed {first.seed}" + (f", {args.nproc} processes" if args.nproc > 1 else ""))
     print(format_table(runs))
-    print("train acc: measured during the last epoch with dropout active; val/test acc: eval mode, every unit.")
+    print("train acc: during the last epoch, dropout active; train eval (10,000 training examples), val and test: "
+          "eval mode, every unit; gap = train eval - test.")
     if args.out is not None:
         summary = {"runs": [{k: v for k, v in r.items() if k != "history"} for r in runs]}
         (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
