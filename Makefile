@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/dropkit train --p 0 0.5 --epochs 10 --out runs/demo
+	$(BIN)/dropkit compare --p 0 0.5 --epochs 10 --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q
