@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, str] = {
     "compare": "dropkit.commands.compare",
     "bench": "dropkit.commands.bench",
     "bench-structured": "dropkit.commands.bench_structured",
+    "sweep": "dropkit.commands.sweep",
 }
 
 
