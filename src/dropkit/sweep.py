@@ -609,9 +609,8 @@ def plot_sweep(summary: dict[str, Any], path: str | os.PathLike) -> Path:
         if best is not None:
             ax.scatter([best["params"][name]], [100 * best["val_acc"]], marker="*", s=220, color="C3",
                        label=f"best (trial {best['trial']})", zorder=3)
-        ax.set(xlabel=name, ylabel="validation accuracy (%)", xlim=(low, high) if kind == "uniform" else None)
-        if kind == "log":
-            ax.set_xscale("log")
+        ax.set_xscale("log" if kind == "log" else "linear")
+        ax.set(xlabel=name, ylabel="validation accuracy (%)", xlim=(low, high))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"dropkit sweep: {summary['model']} on {summary['dataset']}")
