@@ -276,3 +276,14 @@ def test_checkpoint_recomputation_reproduces_mask_and_gradients(saved):
 
     for plain, recomputed in zip(grads(False), grads(True)):
         assert torch.equal(plain, recomputed)
+
+
+def test_a_parallel_kernel_leaves_torchs_thread_count_alone():
+    """numba's OpenMP pool shares the runtime with torch; starting it must not undo set_num_threads."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        DF.dropout(torch.randn(1 << 21), 0.5, training=True, seed=0)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dropkit import nn as dnn
+from dropkit.kernels import run_parallel
 from dropkit.functional import check_p
 from dropkit.rng import check_seed
 
@@ -226,19 +227,6 @@ def _use_kernel(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype in _KERNEL_DTYPES
 
 
-def _run_kernel(kernel, *args) -> None:
-    """Run a compiled kernel on as many threads as torch uses, and leave torch's count as it was.
-
-    numba's OpenMP threading layer shares the OpenMP runtime with torch, and starting its thread
-    pool resets that runtime's thread count, which would silently undo ``torch.set_num_threads``.
-    """
-    threads = torch.get_num_threads()
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    kernel(*args)
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-
-
 def gather_torch(weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, run: int) -> torch.Tensor:
     """:func:`gather_kept` in plain torch ops (any device or dtype): a row gather, then a column gather."""
     groups, n_rows = rows.shape
@@ -262,7 +250,8 @@ def gather_kept(weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, ru
     if not _use_kernel(weight):
         return gather_torch(weight, rows, cols, run)
     out = weight.new_empty(rows.shape[0], rows.shape[1], cols.shape[1] * run)
-    _run_kernel(_gather_kernel, weight.detach().contiguous().numpy(), rows.numpy(), cols.numpy(), run, out.numpy())
+    run_parallel(out.numel(), _gather_kernel, weight.detach().contiguous().numpy(), rows.numpy(), cols.numpy(), run,
+                 out.numpy())
     return out
 
 
@@ -283,7 +272,8 @@ def scatter_kept(
     if not _use_kernel(slices):
         return scatter_torch(slices, rows, cols, run, scale, n_out, n_in)
     out = slices.new_empty(n_out, n_in)
-    _run_kernel(_scatter_kernel, slices.contiguous().numpy(), rows.numpy(), cols.numpy(), run, scale, out.numpy())
+    run_parallel(slices.numel(), _scatter_kernel, slices.contiguous().numpy(), rows.numpy(), cols.numpy(), run, scale,
+                 out.numpy())
     return out
 
 

@@ -28,7 +28,6 @@ uninterrupted run would have produced.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json

@@ -13,6 +13,7 @@ counter of the stream, 0 for a whole-tensor op.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numba
@@ -24,11 +25,12 @@ from dropkit.kernels import cpu, reference
 
 __all__ = ["compiled", "gaussian", "keep_mask", "masked", "masked_from_bits", "reference"]
 
-#: elements per thread below which a kernel runs on fewer threads (see _set_threads)
+#: elements per thread below which a kernel runs on fewer threads (see run_parallel)
 MIN_ELEMENTS_PER_THREAD = 2**18
 #: a Box-Muller draw (log, cos, sqrt) costs about as much as this many selects
 _GAUSSIAN_COST = 32
 _NATIVE = (torch.float32, torch.float64, torch.bfloat16)
+_NO_BITS = np.empty(0, dtype=np.uint8)
 _KIND_CODES = {"dropout": cpu.DROPOUT, "alpha": cpu.ALPHA, "alpha_grad": cpu.ALPHA_GRAD}
 
 
@@ -53,13 +55,12 @@ def masked(
         out, bits = masked(x.float(), seed, p, kind, save_bits=save_bits, offset=offset)
         return out.half(), bits
     out = torch.empty_like(x)
-    bits = torch.empty(-(-x.numel() // 8), dtype=torch.uint8)
+    bits = torch.empty(-(-x.numel() // 8), dtype=torch.uint8) if save_bits else None
     a, b, c = _constants(kind, p, x.dtype)
     k0, k1 = _key(seed)
-    _set_threads(x.numel())
-    cpu.masked_seed(_array(x), _array(out), bits.numpy(), k0, k1, offset, rng.threshold(p),
-                    _KIND_CODES[kind], a, b, c, save_bits)
-    return out, bits if save_bits else None
+    run_parallel(x.numel(), cpu.masked_seed, _array(x), _array(out), _NO_BITS if bits is None else bits.numpy(),
+                 k0, k1, offset, rng.threshold(p), _KIND_CODES[kind], a, b, c, save_bits)
+    return out, bits
 
 
 def masked_from_bits(x: torch.Tensor, bits: torch.Tensor, p: float, kind: str) -> torch.Tensor:
@@ -71,8 +72,7 @@ def masked_from_bits(x: torch.Tensor, bits: torch.Tensor, p: float, kind: str) -
         return masked_from_bits(x.float(), bits, p, kind).half()
     out = torch.empty_like(x)
     a, b, c = _constants(kind, p, x.dtype)
-    _set_threads(x.numel())
-    cpu.masked_bits(_array(x), _array(out), bits.contiguous().numpy(), _KIND_CODES[kind], a, b, c)
+    run_parallel(x.numel(), cpu.masked_bits, _array(x), _array(out), bits.contiguous().numpy(), _KIND_CODES[kind], a, b, c)
     return out
 
 
@@ -85,8 +85,8 @@ def gaussian(x: torch.Tensor, seed: int, p: float, offset: int = 0) -> torch.Ten
         return gaussian(x.float(), seed, p, offset).half()
     out = torch.empty_like(x)
     k0, k1 = _key(seed)
-    _set_threads(x.numel() * _GAUSSIAN_COST)
-    cpu.gaussian(_array(x), _array(out), k0, k1, offset, math.sqrt(p / (1.0 - p)))
+    run_parallel(x.numel() * _GAUSSIAN_COST, cpu.gaussian, _array(x), _array(out), k0, k1, offset,
+                 math.sqrt(p / (1.0 - p)))
     return out
 
 
@@ -98,8 +98,7 @@ def keep_mask(
         return reference.keep_mask(seed, p, shape, offset, device)
     out = torch.empty(shape, dtype=torch.bool)
     k0, k1 = _key(seed)
-    _set_threads(out.numel())
-    cpu.keep_mask(out.numpy().reshape(-1), k0, k1, offset, rng.threshold(p))
+    run_parallel(out.numel(), cpu.keep_mask, out.numpy().reshape(-1), k0, k1, offset, rng.threshold(p))
     return out
 
 
@@ -110,6 +109,7 @@ def _array(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy().reshape(-1)
 
 
+@functools.lru_cache(maxsize=256)
 def _constants(kind: str, p: float, dtype: torch.dtype) -> tuple[np.floating, ...]:
     """The masked op's constants as scalars of the kernel's arithmetic type."""
     scalar = np.float64 if dtype == torch.float64 else np.float32
@@ -121,14 +121,23 @@ def _key(seed: int) -> tuple[np.uint64, np.uint64]:
     return np.uint64(seed & rng.MASK32), np.uint64((seed >> 32) & rng.MASK32)
 
 
-def _set_threads(work: int) -> None:
-    """Size numba's thread team like torch's intra-op pool, with at least
-    :data:`MIN_ELEMENTS_PER_THREAD` elements' worth of ``work`` per thread.
+def run_parallel(work: int, kernel, *args) -> None:
+    """Run a compiled ``kernel(*args)`` on a thread team sized like torch's intra-op pool, with at
+    least :data:`MIN_ELEMENTS_PER_THREAD` elements' worth of ``work`` per thread, and leave torch's
+    thread count as it was.
 
-    numba's and torch's thread pools are two OpenMP runtimes, and an OpenMP worker spins for a
-    while after each parallel region. On a machine with as many cores as threads, a kernel that
-    follows a torch op therefore shares a core with torch's spinning worker (and vice versa), which
-    costs more than a small kernel's whole run; a small kernel runs on the calling thread alone.
+    A parallel region lasts as long as its slowest thread. Below about 2**18 elements a second
+    thread saves only tens of microseconds (2**18 float32: 0.09 ms on one thread, 0.06 ms on two,
+    on an idle 2-core machine), while a thread that has to share its core — with another process,
+    or with torch's OpenMP workers, which spin for a while after each torch op — can hold the whole
+    region up for a scheduler time slice (milliseconds). So small inputs run on the calling thread.
+
+    numba's OpenMP layer shares the OpenMP runtime with torch, and starting its thread pool resets
+    that runtime's thread count: without the restore below, the first large kernel would silently
+    undo ``torch.set_num_threads`` (and oversubscribe the cores of data-parallel workers).
     """
-    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, work // MIN_ELEMENTS_PER_THREAD)
-    numba.set_num_threads(max(1, threads))
+    threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS, work // MIN_ELEMENTS_PER_THREAD)))
+    kernel(*args)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

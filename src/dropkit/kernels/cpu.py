@@ -57,7 +57,7 @@ def _ensure_writable_cache() -> None:
             return
     except OSError:
         pass
-    user = os.environ.get("USER") or str(os.getpid())
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
     fallback = Path(tempfile.gettempdir()) / f"dropkit-numba-{user}"
     fallback.mkdir(parents=True, exist_ok=True)
     numba.config.CACHE_DIR = str(fallback)
