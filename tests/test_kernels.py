@@ -221,11 +221,34 @@ def test_backward_keeps_only_the_seed_or_one_bit_per_element():
     n = 10_000
     x = torch.randn(n, requires_grad=True)
     seed = torch.tensor(3)
-    assert saved_storage_bytes(lambda: ops.dropout(x, 0.5, seed, (n,))) == 8
+    assert saved_storage_bytes(lambda: ops.dropout(x, 0.5, seed, (n,))) == 0  # the seed is a Python int
     assert saved_storage_bytes(lambda: ops.dropout(x, 0.5, seed, (n,), saved="bits")) == n // 8
     assert saved_storage_bytes(lambda: ops.alpha_dropout(x, 0.5, seed, (n,), saved="bits")) == n // 8
     with pytest.raises(ValueError, match="saved must be one of"):
         ops.dropout(x, 0.5, seed, (n,), saved="mask")
+
+
+def test_custom_ops_keep_only_the_8_byte_seed_or_one_bit_per_element():
+    """What a compiled graph keeps: the custom ops run there instead of the eager Function."""
+    n = 10_000
+    x = torch.randn(n, requires_grad=True)
+    seed = torch.tensor(3)
+    assert saved_storage_bytes(lambda: ops._masked(x, seed, 0.5, "dropout")) == 8
+    assert saved_storage_bytes(lambda: ops._masked_save_bits(x, seed, 0.5, "dropout")) == n // 8
+
+
+@pytest.mark.parametrize("saved", ops.SAVED_MODES)
+def test_eager_path_equals_the_custom_ops_and_supports_double_backward(saved):
+    p, seed = 0.35, torch.tensor(BIG_SEED)
+    x = sample(4099, torch.float64).requires_grad_()
+    grad = sample(4099, torch.float64, seed=1).requires_grad_()
+    y = ops.dropout(x, p, seed, (4099,), saved=saved)
+    custom = ops._masked(x.detach(), seed, p, "dropout")
+    assert_bitwise_equal(y, custom)
+    (gx,) = torch.autograd.grad(y, x, grad, create_graph=True)
+    assert_bitwise_equal(gx, ops._masked(grad.detach(), seed, p, "dropout"))
+    (ggrad,) = torch.autograd.grad(gx.sum(), grad)  # d(grad * mask / (1-p)) / d grad = the mask again
+    assert_bitwise_equal(ggrad, ops._masked(torch.ones(4099, dtype=torch.float64), seed, p, "dropout"))
 
 
 class _Net(torch.nn.Module):

@@ -5,12 +5,14 @@ Each primitive applies noise drawn from :mod:`dropkit.rng`'s counter-based strea
 ops in the ``dropkit`` namespace, each with an autograd formula and a fake (meta) implementation,
 so ``torch.compile(model, fullgraph=True)`` traces through them without graph breaks; on the CPU
 they dispatch to the numba kernels of :mod:`dropkit.kernels` (float32, float64, bfloat16; float16
-through the float32 kernels) and elsewhere to the plain-torch reference.
+through the float32 kernels) and elsewhere to the plain-torch reference. In eager mode the masked
+ops on the kernels skip the custom-op layer (:class:`_EagerMasked`); a compiled graph uses the ops.
 
 What backward keeps (``saved``):
 
-* ``"seed"`` (default): only the 8-byte seed; backward regenerates the mask from it, so nothing is
-  kept per element. The gradient of dropout is dropout of the gradient with the same mask, so the
+* ``"seed"`` (default): only the seed (a Python int on the autograd node in eager mode, an 8-byte
+  tensor in a compiled graph); backward regenerates the mask from it, so nothing is kept per
+  element. The gradient of dropout is dropout of the gradient with the same mask, so the
   backward runs the very same kernel.
 * ``"bits"``: forward also writes the keep mask packed 1 bit per element (0.125 bytes per element)
   and backward reads it instead of running Philox again. Only the mask-based ops have it: Gaussian
@@ -149,6 +151,41 @@ _masked_from_bits.register_autograd(_from_bits_backward, setup_context=_save_giv
 _gaussian.register_autograd(_gaussian_backward, setup_context=_save_seed)
 
 
+# --- eager mode -----------------------------------------------------------------------------------
+
+class _EagerMasked(torch.autograd.Function):
+    """The masked ops outside ``torch.compile``: the same kernels and the same saved state as
+    ``dropkit::masked`` / ``masked_save_bits`` / ``masked_from_bits``, without the custom-op layer.
+
+    Why: a Python custom op's dispatch and autograd wrapper cost about 60 us per forward and
+    backward on these machines, as much as the kernel itself on a layer's activations (2**18
+    elements: ~80 us). Under ``torch.compile`` the custom ops are used, so graphs have no breaks.
+    The mask comes from ``seed``, or from the packed ``bits`` when given; backward applies this
+    same Function to the gradient, so double backward works as it does for the custom ops.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, seed: int, bits: torch.Tensor | None, p: float, kind: str,
+                save_bits: bool) -> torch.Tensor:
+        if bits is None:
+            out, bits = kernels.masked(x, seed, p, kind, save_bits=save_bits)
+        else:
+            out = kernels.masked_from_bits(x, bits, p, kind)
+        ctx.seed, ctx.p, ctx.kind = seed, p, kind
+        ctx.save_for_backward(bits)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (bits,) = ctx.saved_tensors
+        return _EagerMasked.apply(grad, ctx.seed, bits, ctx.p, _GRAD_KIND[ctx.kind], False), None, None, None, None, None
+
+
+def _eager_kernel(x: torch.Tensor) -> bool:
+    """Whether ``x`` takes the eager path: on the compiled CPU kernels, and not being traced."""
+    return kernels.compiled(x) and not torch.compiler.is_compiling()
+
+
 # --- the primitives functional.py calls ------------------------------------------------------------
 
 def keep_mask(seed: torch.Tensor, p: float, shape: tuple[int, ...]) -> torch.Tensor:
@@ -202,6 +239,9 @@ def _mask_op(kind: str, x: torch.Tensor, p: float, seed: torch.Tensor, mask_shap
         raise ValueError(f"saved must be one of {SAVED_MODES}, got {saved!r}")
     if tuple(mask_shape) != tuple(x.shape):
         return reference.masked(x, keep_mask(seed, p, mask_shape).to(x.device), kind, p)
-    if saved == "bits" and torch.is_grad_enabled() and x.requires_grad:
+    save_bits = saved == "bits" and torch.is_grad_enabled() and x.requires_grad
+    if _eager_kernel(x):
+        return _EagerMasked.apply(x, int(seed), None, p, kind, save_bits)
+    if save_bits:
         return _masked_save_bits(x, seed, p, kind)[0]
     return _masked(x, seed, p, kind)
