@@ -1,5 +1,6 @@
 """dropkit sweep: exact trial budgets across workers, recovery from a killed worker, resumption,
-pruning, test accuracy read for the winner only, and argument errors that name the flag.
+pruning, promotion-based halving (its rule, its epoch budget, its jobs across workers and kills),
+test accuracy read for the winner only, and argument errors that name the flag.
 
 Most tests use a fake training function (validation accuracy a known function of p and the
 epoch) so that they check the study's bookkeeping in milliseconds; one runs real training on a
@@ -31,8 +32,10 @@ from dropkit.sweep import (
     SweepConfig,
     _claim,
     _is_dead,
+    next_promotion,
     open_study,
     rate_arguments,
+    rungs,
     run_sweep,
     summarise,
     trial_config,
@@ -43,6 +46,12 @@ from dropkit.train import CHECKPOINT, TrainConfig
 TEST_READS: list[str] = []
 #: set in a child process: the fake then hangs in trial 1's second epoch after touching this file
 HANG_ENV = "DROPKIT_SWEEP_TEST_HANG"
+#: "RUN_SUFFIX EPOCHS": the call that hangs instead (the run folder's name ends so, config.epochs is so)
+HANG_AT_ENV = "DROPKIT_SWEEP_TEST_HANG_AT"
+#: the fake's log, in the folder above the run folders: one line "RUN DONE EPOCHS" per call
+CALLS = "fake_calls.txt"
+#: seconds each fake call sleeps (so that two worker processes overlap), 0 when unset
+SLOW_ENV = "DROPKIT_SWEEP_TEST_SLOW"
 
 
 class _Row(dict):
@@ -62,14 +71,28 @@ class _Result:
 
 
 def fake_train(config: TrainConfig, out_dir, *, resume: bool = False, quiet: bool = False) -> _Result:
-    """Validation accuracy 0.9 - (p - 0.3)^2 + 0.01 * epoch: best at p = 0.3, better every epoch."""
+    """Validation accuracy 0.9 - (p - 0.3)^2 + 0.01 * epoch: best at p = 0.3, better every epoch.
+
+    Like train, it resumes from its checkpoint (which holds p and the epochs done) and refuses one
+    made with another p; each call appends the epochs it starts from and ends at to :data:`CALLS`.
+    """
     out = Path(out_dir)
     hang = os.environ.get(HANG_ENV)
-    if hang and out.name.endswith("-0001") and config.epochs == 2:
-        Path(hang).write_text("in trial 1, epoch 2")
+    run, epochs = os.environ.get(HANG_AT_ENV, "-0001 2").split()
+    if hang and out.name.endswith(run) and config.epochs == int(epochs):
+        Path(hang).write_text(f"in {out.name}, training to epoch {epochs}")
         time.sleep(120)
+    time.sleep(float(os.environ.get(SLOW_ENV, 0)))
+    done = 0
+    if resume and (out / CHECKPOINT).exists():
+        saved = json.loads((out / CHECKPOINT).read_text())
+        if saved["p"] != config.p or saved["epochs"] > config.epochs:
+            raise ValueError(f"cannot resume {out}: checkpoint {saved}, config p={config.p} epochs={config.epochs}")
+        done = saved["epochs"]
     out.mkdir(parents=True, exist_ok=True)
-    (out / CHECKPOINT).touch()
+    (out / CHECKPOINT).write_text(json.dumps({"p": config.p, "epochs": config.epochs}))
+    with open(out.parent / CALLS, "a") as log:
+        log.write(f"{out.name} {done} {config.epochs}\n")
     rows = []
     for epoch in range(1, config.epochs + 1):
         val = 0.9 - (config.p - 0.3) ** 2 + 0.01 * epoch
@@ -246,6 +269,7 @@ def test_a_trial_of_another_machine_is_dead_when_its_heartbeat_is_stale():
     (["--search-lr", "--lr-range", "1e-2", "1e-3"], "--lr-range"),
     (["--search-weight-decay", "--weight-decay-range", "0", "1e-3"], "--weight-decay-range"),
     (["--schedule", "cosine"], "--pruner"),
+    (["--pruner", "promote", "--schedule", "cosine"], "--pruner"),
     (["--model-arg", "p=0.5"], "--model-arg"),
     (["--model-arg", "q=1"], "--model-arg"),
     (["--pruner", "asha"], "--pruner"),
@@ -258,3 +282,208 @@ def test_bad_arguments_name_the_flag(tmp_path, capsys, args, flag):
     assert code == 2
     assert flag in capsys.readouterr().err
     assert not (tmp_path / STORAGE_FILE).exists()
+
+
+# ----------------------------------------------------------------- --pruner promote
+
+#: nine rates in no particular order; the best three (nearest 0.3) are configurations 1, 4 and 6
+RATES = [0.5, 0.31, 0.7, 0.12, 0.28, 0.6, 0.35, 0.0, 0.2]
+
+
+def _promote_cfg(out, rates=RATES, **kwargs) -> SweepConfig:
+    """A --pruner promote sweep of 9 epochs whose configurations are ``rates``, queued in order."""
+    cfg = fake_cfg(out, trials=len(rates), epochs=9, pruner="promote", **kwargs)
+    study = open_study(cfg)
+    for p in rates:
+        study.enqueue_trial({"p": p})
+    return cfg
+
+
+def _job(trial: optuna.trial.FrozenTrial) -> tuple[int, int]:
+    return trial.user_attrs["config"], trial.user_attrs.get("resumes_from", 0)
+
+
+def _calls(out: Path) -> dict[str, list[tuple[int, int]]]:
+    """Run folder name -> the (epoch resumed from, epochs) of each fake training call in it."""
+    calls: dict[str, list[tuple[int, int]]] = {}
+    for line in (out / "trials" / CALLS).read_text().splitlines():
+        name, done, epochs = line.split()
+        calls.setdefault(name, []).append((int(done), int(epochs)))
+    return calls
+
+
+def _check_a_finished_promote_study(out: Path, summary: dict) -> list[optuna.trial.FrozenTrial]:
+    """The jobs of a complete 9-configuration, 9-epoch study of RATES: each configuration's first
+    job, promotions of 1, 4 and 6 from epoch 1, of 1 from epoch 3, each exactly once (failed
+    trials aside); 21 epochs trained; configuration 1 the single COMPLETE trial and the best."""
+    trials = _load(out).get_trials()
+    live = [t for t in trials if t.state != TrialState.FAIL]
+    assert sorted(_job(t) for t in live) == sorted([(c, 0) for c in range(9)] + [(1, 1), (4, 1), (6, 1), (1, 3)])
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in live)
+    assert {t.params["p"] for t in live if _job(t)[1] == 0} == set(RATES)
+    assert all(t.params["p"] == RATES[_job(t)[0]] for t in live)
+    (winner,) = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert _job(winner) == (1, 3) and list(winner.intermediate_values) == list(range(1, 10))
+    assert summary["complete"] and summary["best"]["trial"] == winner.number and summary["best"]["config"] == 1
+    assert summary["epochs"] == {"spent": 21, "per_full_run": 9, "full_grid": 81,
+                                 "fraction_of_full_grid": pytest.approx(21 / 81)}
+    assert summary["configurations"] == {"requested": 9, "started": 9}
+    trained = {row["trial"]: row["epochs_trained"] for row in summary["trials"]}
+    assert sum(trained[t.number] for t in live) == 21
+    return trials
+
+
+def test_rungs_are_powers_of_3_below_the_full_epochs_then_the_full_epochs():
+    assert rungs(9) == [1, 3, 9]
+    assert rungs(10) == [1, 3, 9, 10]
+    assert rungs(2) == [1, 2]
+    assert rungs(1) == [1]
+
+
+def test_promotion_takes_the_best_third_of_a_rung_once_each_and_the_highest_rung_first():
+    seven = {0: 0.50, 1: 0.80, 2: 0.60, 3: 0.90, 4: 0.10, 5: 0.70, 6: 0.20}
+    assert next_promotion({1: seven}, set()) == (3, 1)
+    assert next_promotion({1: seven}, {(3, 1)}) == (1, 1)
+    assert next_promotion({1: seven}, {(3, 1), (1, 1)}) is None       # 7 // 3 = 2 promotions
+    ties = {0: 0.5, 1: 0.7, 2: 0.7, 3: 0.1, 4: 0.2, 5: 0.3}
+    assert next_promotion({1: ties}, set()) == (1, 1)                 # equal: the earlier first
+    assert next_promotion({1: ties}, {(1, 1)}) == (2, 1)
+    assert next_promotion({1: {0: 0.9, 1: 0.8}}, set()) is None       # 2 // 3 = 0
+    both = {1: seven, 3: {3: 0.95, 1: 0.85, 5: 0.97}}
+    assert next_promotion(both, set()) == (5, 3)
+    assert next_promotion(both, {(5, 3)}) == (3, 1)
+    # a configuration promoted early keeps its promotion when later ones push it out of the top third
+    assert next_promotion({1: {**seven, 7: 0.95, 8: 0.99}}, {(3, 1)}) == (8, 1)
+
+
+def test_promote_trains_21_epochs_for_9_configurations_of_9_epochs(tmp_path):
+    TEST_READS.clear()
+    summary = run_sweep(_promote_cfg(tmp_path), fake_train, log=lambda line: None)
+    trials = _check_a_finished_promote_study(tmp_path, summary)
+    assert [_job(t) for t in trials] == [(c, 0) for c in range(9)] + [(1, 1), (4, 1), (6, 1), (1, 3)]
+    assert not any(t.state == TrialState.FAIL for t in trials)
+    calls = _calls(tmp_path)
+    assert sum(epochs - done for runs in calls.values() for done, epochs in runs) == 21   # the fake agrees
+    assert TEST_READS == [summary["best"]["run_dir"]]
+    assert summary["best"]["test_acc"] == pytest.approx(summary["best"]["val_acc"] - 0.002)
+
+
+def test_a_promotion_resumes_from_a_copy_of_the_promoted_jobs_run(tmp_path):
+    run_sweep(_promote_cfg(tmp_path), fake_train, log=lambda line: None)
+    trials = _load(tmp_path).get_trials()
+    calls = _calls(tmp_path)
+    for trial in trials:
+        config, start = _job(trial)
+        name = Path(trial.user_attrs["run_dir"]).name
+        assert calls[name][0] == (start, {0: 1, 1: 3, 3: 9}[start])     # the fake's first call there
+        if start:
+            source = trials[trial.user_attrs["source"]]
+            assert _job(source)[0] == config and trial.user_attrs["source_dir"] == source.user_attrs["run_dir"]
+            assert dict(list(trial.intermediate_values.items())[:start]) == source.intermediate_values
+            assert trial.user_attrs["trained_from"] == start
+    # the copied runs are left as they were: configuration 1's first run still holds one epoch
+    assert json.loads((Path(trials[1].user_attrs["run_dir"]) / CHECKPOINT).read_text())["epochs"] == 1
+
+
+def test_promote_trains_the_best_in_full_when_no_rung_holds_three(tmp_path):
+    summary = run_sweep(_promote_cfg(tmp_path, rates=[0.5, 0.3]), fake_train, log=lambda line: None)
+    trials = _load(tmp_path).get_trials()
+    assert [_job(t) for t in trials] == [(0, 0), (1, 0), (1, 1), (1, 3)]
+    assert [t.state for t in trials] == [TrialState.PRUNED] * 3 + [TrialState.COMPLETE]
+    assert summary["complete"] and summary["epochs"]["spent"] == 1 + 1 + 2 + 6
+
+
+def test_two_workers_run_every_job_of_a_promote_study_once(tmp_path, monkeypatch):
+    monkeypatch.setenv(SLOW_ENV, "0.2")   # the spawned workers inherit it: their jobs overlap
+    summary = run_sweep(_promote_cfg(tmp_path, workers=2), fake_train, log=lambda line: None)
+    trials = _check_a_finished_promote_study(tmp_path, summary)
+    assert not any(t.state == TrialState.FAIL for t in trials) and len(trials) == 13
+
+
+def test_a_killed_promote_worker_loses_only_its_job_and_a_rerun_completes(tmp_path):
+    marker = tmp_path / "hanging"
+    _promote_cfg(tmp_path)
+    child = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+             "import optuna; optuna.logging.set_verbosity(optuna.logging.WARNING)\n"
+             "from test_sweep import fake_cfg, fake_train\n"
+             "from dropkit.sweep import run_worker\n"
+             f"run_worker(fake_cfg({str(tmp_path)!r}, trials=9, epochs=9, pruner='promote'), 0, fake_train)\n")
+    env = {**os.environ, HANG_ENV: str(marker), HANG_AT_ENV: "-0009 3"}   # trial 9: the first promotion
+    proc = subprocess.Popen([sys.executable, "-c", child], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the worker never reached trial 9"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    before = _load(tmp_path).get_trials()
+    assert [t.state for t in before] == [TrialState.PRUNED] * 9 + [TrialState.RUNNING]
+    assert _job(before[9]) == (1, 1)
+
+    lines: list[str] = []
+    summary = run_sweep(fake_cfg(tmp_path, trials=9, epochs=9, pruner="promote"), fake_train, log=lines.append)
+    after = _check_a_finished_promote_study(tmp_path, summary)
+    assert [(t.params, t.value) for t in after[:9]] == [(t.params, t.value) for t in before[:9]]
+    assert after[9].state == TrialState.FAIL and [t.number for t in after if t.state == TrialState.FAIL] == [9]
+    (retry,) = [t for t in after if t.user_attrs.get("retry_of") == 9]
+    assert _job(retry) == (1, 1) and retry.user_attrs["source"] == 1 and retry.user_attrs["retries"] == 1
+    assert retry.state == TrialState.PRUNED and _calls(tmp_path)[Path(retry.user_attrs["run_dir"]).name] == [(1, 3)]
+    assert any("trial 9: its worker is gone" in line for line in lines)
+
+
+def _finished_first_jobs(cfg: SweepConfig, rates: list[float]) -> optuna.Study:
+    """A promote study whose first jobs, one per rate, have finished at epoch 1 (as fake_train scores them)."""
+    study = open_study(cfg)
+    for p in rates:
+        study.enqueue_trial({"p": p})
+        trial = study.ask()
+        trial.report(0.9 - (trial.suggest_float("p", *cfg.p_range) - 0.3) ** 2 + 0.01, 1)
+        study.tell(trial, state=TrialState.PRUNED)
+    return study
+
+
+def test_a_promotion_made_first_by_another_machine_is_a_duplicate_and_never_trained(tmp_path):
+    """Another machine (not under this machine's lock) makes the same promotion just before us."""
+    cfg = fake_cfg(tmp_path, trials=3, epochs=3, pruner="promote")
+    study = _finished_first_jobs(cfg, [0.5, 0.3, 0.7])
+    other = open_study(cfg, worker=1)
+    enqueue = study.enqueue_trial
+
+    def racing_enqueue(params, user_attrs):
+        other.enqueue_trial(params, user_attrs=user_attrs)
+        other.ask()
+        enqueue(params, user_attrs=user_attrs)
+
+    study.enqueue_trial = racing_enqueue
+    assert _claim(study, cfg, log=lambda line: None) == WAIT
+    theirs, ours = study.get_trials()[3:]
+    assert theirs.state == TrialState.RUNNING and _job(theirs) == (1, 1)
+    assert ours.state == TrialState.FAIL and ours.user_attrs["duplicate"] and _job(ours) == (1, 1) and not ours.params
+    assert summarise(study, cfg, fake_train, log=lambda line: None)["trials"][4]["note"].startswith("duplicate")
+
+
+def test_a_configuration_created_past_the_budget_is_surplus_and_never_trained(tmp_path):
+    cfg = fake_cfg(tmp_path, trials=2, epochs=3, pruner="promote")
+    study = _finished_first_jobs(cfg, [0.5])
+    other = open_study(cfg, worker=1)
+    ask = study.ask
+
+    def racing_ask(*args, **kwargs):
+        other.ask()
+        return ask(*args, **kwargs)
+
+    study.ask = racing_ask
+    assert _claim(study, cfg, log=lambda line: None) == WAIT
+    ours = study.get_trials()[-1]
+    assert ours.number == 2 and ours.state == TrialState.FAIL and ours.user_attrs["surplus"] and not ours.params
+
+
+def test_promote_refuses_schedules_that_depend_on_the_run_length_and_studies_of_other_pruners(tmp_path):
+    base = TrainConfig(model="tutorial_mlp", epochs=9, val_size=100, drop_schedule="early", drop_cutoff=3)
+    with pytest.raises(ValueError, match="--pruner promote trains a trial from rung to rung.*drop schedule"):
+        SweepConfig(base=base, out_dir=tmp_path, pruner="promote").validate()
+    run_sweep(fake_cfg(tmp_path, trials=1, pruner="halving"), fake_train, log=lambda line: None)
+    with pytest.raises(ValueError, match="--pruner: halving, median or none -> promote"):
+        run_sweep(fake_cfg(tmp_path, trials=1, pruner="promote"), fake_train, log=lambda line: None)

@@ -16,6 +16,41 @@ How a trial runs
     arXiv:1810.05934, 2018), or the median rule. The trial's value is the validation accuracy of
     its last epoch, i.e. of the model its checkpoint holds.
 
+Promotion-based halving (``--pruner promote``)
+    Stopping-based halving lets a trial go on whenever it ranks in the top third of the trials
+    seen so far at a rung; with few trials that is often, so the first trial and every new best
+    run to the end. ``--pruner promote`` follows Algorithm 2 of Li et al. (MLSys 2020) instead:
+    training is cut into jobs, and a configuration trains further only once it has earned a
+    place in the top third of a rung.
+
+    Rungs are at 1, 3, 9, ... epochs, every power of 3 below the full ``epochs`` followed by
+    ``epochs`` itself (9 epochs: 1, 3, 9; 10 epochs: 1, 3, 9, 10). ``--trials N`` counts the
+    configurations TPE samples. A job trains one configuration from its rung to the next one and
+    stops there: its Optuna trial ends PRUNED, or COMPLETE when it reaches the full epochs. A free
+    worker picks its next job under the machine lock, in this order:
+
+    1. a promotion: scanning from the highest rung down, a configuration that is among the best
+       floor(n / 3) of the n configurations that reached that rung (ranked by validation accuracy
+       at the rung's epoch, the lower configuration number first on ties) and that has not been
+       promoted from it yet; the best such one;
+    2. a new configuration at rung 0, while the study holds fewer than N;
+    3. when no trial is COMPLETE and none is running, a promotion of the best configuration at the
+       highest rung reached, so that every sweep ends with a full-length run to pick;
+    4. otherwise nothing: wait while jobs run (they may make a configuration promotable), else
+       the study is complete.
+
+    A configuration is named by the number of its first trial. A promotion is a queued trial with
+    the configuration's parameters and the user attributes ``config``, ``resumes_from`` (the
+    rung's epoch), ``source`` and ``source_dir`` (the job it continues). Its worker copies that
+    job's run folder into the promotion's own and resumes there, so no two jobs write one folder.
+    It reports every epoch of the run, the copied ones too, so that its intermediate values are a
+    whole learning curve; only the epochs it trained itself count as spent. A configuration
+    counts as promoted from a rung while a trial of that promotion is in any state but FAIL, or
+    once the last retry of a dead one failed. Promotions are never taken back: a configuration
+    promoted early that later drops out of the top third has been trained further all the same,
+    the price of never waiting for a rung to fill. With N = 9 and 9 epochs: 9 jobs to epoch 1,
+    3 promotions to epoch 3 and 1 to epoch 9 train 9 + 6 + 6 = 21 epochs, 26 % of a 9-run grid.
+
 Validation selects, test reports once
     Trials are compared on the validation split only. ``train`` measures the test set every
     epoch (that is its contract), but the sweep never reads a trial's test figure except the
@@ -39,11 +74,17 @@ Storage, resumption and workers
     ``trials`` or more live trials numbered below it is surplus, is recorded as failed with
     ``surplus=True`` before it suggests any parameter, and is never trained.
 
+    With ``--pruner promote`` the lock also covers the choice of the next job, and the budget is
+    one of configurations: a new configuration with ``trials`` or more configurations numbered
+    below it is surplus, and a promotion with an unfailed twin (same ``config`` and
+    ``resumes_from``) numbered below it is recorded as failed with ``duplicate=True``, untrained.
+
     A trial whose worker died stays RUNNING in the storage. Workers mark it failed and queue its
     parameters again (at most :data:`MAX_RETRIES` times): on the same machine as soon as its
     process is gone (pid and start time recorded in the trial), on another machine when its
     heartbeat (written every ``stale_after / 4`` seconds) is older than ``stale_after``. A
-    killed worker therefore loses at most the trial it was running.
+    killed worker therefore loses at most the trial it was running. A dead promotion is queued
+    again as the same promotion, a dead first job as the same configuration.
 """
 
 from __future__ import annotations
@@ -60,7 +101,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,9 +126,11 @@ __all__ = [
     "PRUNERS",
     "SweepConfig",
     "format_table",
+    "next_promotion",
     "open_study",
     "plot_sweep",
     "rate_arguments",
+    "rungs",
     "run_sweep",
     "run_trial",
     "run_worker",
@@ -96,7 +139,7 @@ __all__ = [
     "trial_config",
 ]
 
-PRUNERS = ("halving", "median", "none")
+PRUNERS = ("halving", "median", "none", "promote")
 STORAGE_FILE = "study.journal"
 LOCK_FILE = "sweep.lock"
 TRIALS_DIR = "trials"
@@ -113,6 +156,12 @@ LIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.W
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 #: what a worker is told when it asks for a trial and gets none
 WAIT, DONE = "wait", "done"
+#: --pruner promote: rungs are this factor apart, and the best 1 / PROMOTE_FACTOR of a rung go on
+PROMOTE_FACTOR = 3
+#: --pruner promote: the user attributes that make a trial a job of a configuration (see the docstring)
+JOB_ATTRS = ("config", "resumes_from", "source", "source_dir")
+#: --pruner promote: the next job is a new configuration
+NEW = "new"
 
 TrainFn = Callable[..., Any]
 Log = Callable[[str], None]
@@ -178,8 +227,9 @@ class SweepConfig:
         if not self.study_name:
             raise ValueError("--study must be a non-empty name")
         if self.pruner != "none" and not _grows_by_epoch(self.base):
+            steps = "from rung to rung" if self.pruner == "promote" else "one epoch at a time"
             raise ValueError(
-                f"--pruner {self.pruner} trains a trial one epoch at a time, which would change "
+                f"--pruner {self.pruner} trains a trial {steps}, which would change "
                 f"{'the cosine lr schedule' if self.base.schedule == 'cosine' else 'the drop schedule'} "
                 f"(both depend on the run's length): use --pruner none or a schedule that does not"
             )
@@ -228,7 +278,7 @@ def _record(cfg: SweepConfig) -> dict[str, Any]:
     """What a study must keep between runs: the base config (minus searched values) and the space."""
     space = search_space(cfg)
     config = {k: v for k, v in cfg.base.to_dict().items() if k not in space}
-    return json.loads(json.dumps({"config": config, "space": space}))
+    return json.loads(json.dumps({"config": config, "space": space, "promote": cfg.pruner == "promote"}))
 
 
 def _pruner(cfg: SweepConfig) -> optuna.pruners.BasePruner:
@@ -239,7 +289,7 @@ def _pruner(cfg: SweepConfig) -> optuna.pruners.BasePruner:
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
     if cfg.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2)
-    return optuna.pruners.NopPruner()
+    return optuna.pruners.NopPruner()  # --pruner promote: a job stops at its rung by itself
 
 
 def _storage(cfg: SweepConfig) -> str | optuna.storages.BaseStorage:
@@ -272,8 +322,12 @@ def open_study(cfg: SweepConfig, *, worker: int = 0) -> optuna.Study:
 
 
 def _check_same_settings(cfg: SweepConfig, saved: dict[str, Any], record: dict[str, Any]) -> None:
-    """Settings saved by an older dropkit may lack newer config fields; only those saved are compared."""
+    """Settings saved by an older dropkit may lack newer config fields; only those saved are compared.
+    A study of promotion jobs cannot go on as one of whole trials or back (its trials mean other
+    things); a study saved before ``--pruner promote`` existed is one of whole trials."""
     differ = [f"search space: {saved['space']} -> {record['space']}"] if saved["space"] != record["space"] else []
+    if saved.get("promote", False) != record["promote"]:
+        differ.append(f"--pruner: {'promote' if saved.get('promote') else 'halving, median or none'} -> {cfg.pruner}")
     differ += [f"{k}: {v!r} -> {record['config'].get(k)!r}"
                for k, v in saved["config"].items() if record["config"].get(k) != v]
     if differ:
@@ -287,11 +341,14 @@ def run_trial(trial: Trial, cfg: SweepConfig, run_dir: Path, train_fn: TrainFn =
     """Train one trial in ``run_dir`` and return its last validation accuracy.
 
     Raises ``optuna.TrialPruned`` when the pruner stops it; with ``--pruner none`` the run is
-    trained in one call and its epochs are reported afterwards, for the record.
+    trained in one call and its epochs are reported afterwards, for the record. With
+    ``--pruner promote`` the trial is one job (see :func:`_run_job`).
     """
     space = search_space(cfg)
     params = {name: trial.suggest_float(name, low, high, log=kind == "log")
               for name, (kind, low, high) in space.items()}
+    if cfg.pruner == "promote":
+        return _run_job(trial, cfg, run_dir, params, train_fn)
     full = cfg.base.epochs
     if cfg.pruner == "none":
         history = train_fn(trial_config(cfg.base, params), run_dir, resume=True, quiet=True).history
@@ -305,6 +362,150 @@ def run_trial(trial: Trial, cfg: SweepConfig, run_dir: Path, train_fn: TrainFn =
         if epoch < full and trial.should_prune():
             raise optuna.TrialPruned(f"validation accuracy {val_acc:.4f} after {epoch} of {full} epochs")
     return val_acc
+
+
+# ------------------------------------------------------------------ promotion-based halving
+
+def rungs(epochs: int) -> list[int]:
+    """The rungs of ``--pruner promote`` for runs of ``epochs`` epochs: every power of
+    :data:`PROMOTE_FACTOR` below ``epochs``, then ``epochs`` (9 -> 1, 3, 9; 10 -> 1, 3, 9, 10)."""
+    found, rung = [], 1
+    while rung < epochs:
+        found.append(rung)
+        rung *= PROMOTE_FACTOR
+    return [*found, epochs]
+
+
+def _next_rung(epoch: int, epochs: int) -> int:
+    """The epoch a job that starts at ``epoch`` (0 or a rung) trains to."""
+    return next(rung for rung in rungs(epochs) if rung > epoch)
+
+
+def _ranked(values: Mapping[int, float]) -> list[int]:
+    """Configurations best first; on equal accuracy the earlier one (lower number) first."""
+    return sorted(values, key=lambda config: (-values[config], config))
+
+
+def next_promotion(rung_values: Mapping[int, Mapping[int, float]],
+                   promoted: Collection[tuple[int, int]]) -> tuple[int, int] | None:
+    """The (configuration, rung epoch) to promote next, or None when no configuration has earned it.
+
+    ``rung_values[r][c]`` is configuration ``c``'s validation accuracy at the epoch ``r`` of a rung
+    it reached (the last rung left out: nothing goes past it); ``promoted`` holds the pairs already
+    promoted. From the highest rung down, a configuration is promotable when it ranks among the
+    best ``n // 3`` of the ``n`` at its rung and was not promoted from there; the best one is taken.
+    """
+    for rung in sorted(rung_values, reverse=True):
+        ranked = _ranked(rung_values[rung])
+        for config in ranked[:len(ranked) // PROMOTE_FACTOR]:
+            if (config, rung) not in promoted:
+                return config, rung
+    return None
+
+
+def _best_stopped(rung_values: Mapping[int, Mapping[int, float]],
+                  promoted: Collection[tuple[int, int]]) -> tuple[int, int] | None:
+    """The best configuration at the highest rung that one stopped at (not promoted from it):
+    what is promoted when nothing has earned it and no run has reached the full epochs."""
+    for rung in sorted(rung_values, reverse=True):
+        stopped = [config for config in _ranked(rung_values[rung]) if (config, rung) not in promoted]
+        if stopped:
+            return stopped[0], rung
+    return None
+
+
+def _config_of(trial: FrozenTrial | Trial) -> int:
+    """The configuration a job trains; a trial without the attribute (a new one) starts its own."""
+    return trial.user_attrs.get("config", trial.number)
+
+
+def _resumes_from(trial: FrozenTrial | Trial) -> int:
+    """The epoch a job starts at: 0 for a configuration's first job, a rung for a promotion."""
+    return trial.user_attrs.get("resumes_from", 0)
+
+
+def _epochs_trained(trial: FrozenTrial) -> int:
+    """Epochs a trial trained itself: those it reported minus those a promotion copied."""
+    return max(0, len(trial.intermediate_values) - trial.user_attrs.get("trained_from", 0))
+
+
+@dataclass
+class _Jobs:
+    """What the jobs of a study say about its configurations (``--pruner promote``).
+
+    ``values[r][c]``: configuration ``c``'s validation accuracy at rung epoch ``r`` (rungs below the
+    last); ``sources[(c, r)]``: the finished job that took ``c`` to ``r``; ``promoted``: the (c, r)
+    promoted from ``r``; ``configs``: configurations with a first job that is finished, running or
+    queued; ``started``: those whose first job finished.
+    """
+
+    values: dict[int, dict[int, float]]
+    sources: dict[tuple[int, int], FrozenTrial]
+    promoted: set[tuple[int, int]]
+    configs: set[int]
+    started: set[int]
+
+
+def _read_jobs(trials: Sequence[FrozenTrial], epochs: int) -> _Jobs:
+    """Sort a study's trials into :class:`_Jobs` (failed ones count only as given-up promotions)."""
+    jobs = _Jobs({}, {}, set(), set(), set())
+    for trial in trials:
+        config, start = _config_of(trial), _resumes_from(trial)
+        if start and (trial.state != TrialState.FAIL or _given_up(trial)):
+            jobs.promoted.add((config, start))
+        if not start and trial.state in LIVE:
+            jobs.configs.add(config)
+        if trial.state not in FINISHED:
+            continue
+        stop = _next_rung(start, epochs)
+        if not start:
+            jobs.started.add(config)
+        jobs.sources.setdefault((config, stop), trial)
+        if stop < epochs:
+            jobs.values.setdefault(stop, {}).setdefault(config, trial.value)
+    return jobs
+
+
+def _given_up(trial: FrozenTrial) -> bool:
+    """A failed job that is not queued again: its worker died on its last retry (see
+    :func:`_fail_dead_trials`), not a duplicate that never trained."""
+    return trial.user_attrs.get("retries", 0) >= MAX_RETRIES and not trial.user_attrs.get("duplicate")
+
+
+def _next_job(trials: Sequence[FrozenTrial], cfg: SweepConfig) -> FrozenTrial | str:
+    """The job to run next by the rule of the module docstring: the finished job whose configuration
+    to promote, :data:`NEW`, :data:`WAIT` or :data:`DONE`. Queued trials are not looked at (a
+    worker takes those first)."""
+    jobs = _read_jobs(trials, cfg.base.epochs)
+    pick = next_promotion(jobs.values, jobs.promoted)
+    if pick is None and len(jobs.configs) < cfg.trials:
+        return NEW
+    running = any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
+    if pick is None and not running and not any(t.state == TrialState.COMPLETE for t in trials):
+        pick = _best_stopped(jobs.values, jobs.promoted)
+    if pick is not None:
+        return jobs.sources[pick]
+    return WAIT if running else DONE
+
+
+def _promotion_attrs(source: FrozenTrial, epochs: int) -> dict[str, Any]:
+    """The user attributes of the promotion that continues job ``source``."""
+    return {"config": _config_of(source), "resumes_from": _next_rung(_resumes_from(source), epochs),
+            "source": source.number, "source_dir": source.user_attrs.get("run_dir")}
+
+
+def _run_job(trial: Trial, cfg: SweepConfig, run_dir: Path, params: dict[str, float], train_fn: TrainFn) -> float:
+    """Train the job's configuration from its epoch to the next rung in one call (the run folder
+    already holds the checkpoint it continues), report every epoch of the run, and stop there:
+    ``optuna.TrialPruned`` below the full epochs, the last validation accuracy at them."""
+    full = cfg.base.epochs
+    stop = _next_rung(_resumes_from(trial), full)
+    history = train_fn(trial_config(cfg.base, params, stop), run_dir, resume=True, quiet=True).history
+    for row in history:
+        trial.report(row["val_acc"], row["epoch"])
+    if stop < full:
+        raise optuna.TrialPruned(f"stopped at rung {stop} of {full} epochs")
+    return history[-1]["val_acc"]
 
 
 # ------------------------------------------------------------------------------------ a worker
@@ -346,7 +547,10 @@ def _is_dead(trial: FrozenTrial, stale_after: float) -> bool:
 
 def _fail_dead_trials(study: optuna.Study, cfg: SweepConfig, log: Log) -> None:
     """Mark the trials of dead workers failed and queue their parameters again; when two workers
-    race for the same trial, the storage lets only the first mark it, and only that one re-queues."""
+    race for the same trial, the storage lets only the first mark it, and only that one re-queues.
+    A job of ``--pruner promote`` is queued with its :data:`JOB_ATTRS`, so that it comes back as
+    the same promotion or the same configuration; a trial that died before suggesting its values
+    keeps those it was queued with."""
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not _is_dead(trial, cfg.stale_after):
             continue
@@ -357,7 +561,11 @@ def _fail_dead_trials(study: optuna.Study, cfg: SweepConfig, log: Log) -> None:
         retries = trial.user_attrs.get("retries", 0)
         again = retries < MAX_RETRIES
         if again:
-            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "retries": retries + 1})
+            job = {k: trial.user_attrs[k] for k in JOB_ATTRS if k in trial.user_attrs}
+            if cfg.pruner == "promote":
+                job.setdefault("config", trial.number)
+            params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+            study.enqueue_trial(params, user_attrs={**job, "retry_of": trial.number, "retries": retries + 1})
         log(f"trial {trial.number}: its worker is gone; marked FAIL"
             + (", parameters queued again" if again else f", not retried (already retried {retries} times)"))
 
@@ -375,9 +583,12 @@ def _machine_lock(out_dir: Path) -> Iterator[None]:
 
 def _claim(study: optuna.Study, cfg: SweepConfig, log: Log) -> Trial | str:
     """A trial this worker may run, ``WAIT`` when every free slot is held by a running trial (one
-    that may yet die), or ``DONE`` when the study holds ``cfg.trials`` finished trials."""
+    that may yet die), or ``DONE`` when the study holds ``cfg.trials`` finished trials (with
+    ``--pruner promote``: see :func:`_claim_job`)."""
     with _machine_lock(cfg.out_dir):
         _fail_dead_trials(study, cfg, log)
+        if cfg.pruner == "promote":
+            return _claim_job(study, cfg)
         states = Counter(t.state for t in study.get_trials(deepcopy=False))
         finished = sum(states[s] for s in FINISHED)
         if finished >= cfg.trials:
@@ -390,11 +601,71 @@ def _claim(study: optuna.Study, cfg: SweepConfig, log: Log) -> Trial | str:
             trial.set_user_attr("surplus", True)
             study.tell(trial, state=TrialState.FAIL)
             return WAIT
-        run_dir = cfg.out_dir / TRIALS_DIR / f"{cfg.study_name}-{trial.number:04d}"
-        trial.set_user_attr("owner", _owner())
-        trial.set_user_attr("run_dir", str(run_dir.resolve()))
-        trial.set_user_attr("heartbeat", time.time())
-        return trial
+        return _take(trial, cfg)
+
+
+def _take(trial: Trial, cfg: SweepConfig) -> Trial:
+    """Record in a claimed trial who runs it (for dead-worker recovery) and where."""
+    run_dir = cfg.out_dir / TRIALS_DIR / f"{cfg.study_name}-{trial.number:04d}"
+    trial.set_user_attr("owner", _owner())
+    trial.set_user_attr("run_dir", str(run_dir.resolve()))
+    trial.set_user_attr("heartbeat", time.time())
+    return trial
+
+
+def _claim_job(study: optuna.Study, cfg: SweepConfig) -> Trial | str:
+    """``_claim`` for ``--pruner promote`` (called under the machine lock): a queued trial (a retry,
+    or a promotion queued by another machine) if there is one, else the job :func:`_next_job`
+    picks (a promotion is queued, then taken), ``WAIT`` or ``DONE``. A trial that turns out to be
+    one too many (see :func:`_is_extra_job`) is failed untrained, and the worker waits."""
+    trials = study.get_trials(deepcopy=False)
+    if not any(t.state == TrialState.WAITING for t in trials):
+        job = _next_job(trials, cfg)
+        if job in (WAIT, DONE):
+            return job
+        if isinstance(job, FrozenTrial):
+            study.enqueue_trial(job.params, user_attrs=_promotion_attrs(job, cfg.base.epochs))
+    trial = study.ask()
+    if _is_extra_job(study, trial, cfg.trials):
+        return WAIT
+    trial.set_user_attr("config", _config_of(trial))
+    return _take(trial, cfg)
+
+
+def _is_extra_job(study: optuna.Study, trial: Trial, budget: int) -> bool:
+    """Whether a trial just taken is one too many, which only workers on other machines (outside
+    the lock) can cause: a new configuration with ``budget`` configurations numbered below it
+    (``surplus``), or a promotion with an unfailed twin numbered below it (``duplicate``). Such a
+    trial is marked with that attribute and failed before it suggests any value."""
+    attrs, trials = trial.user_attrs, study.get_trials(deepcopy=False)
+    if attrs.get("resumes_from"):
+        key, mark = (attrs["config"], attrs["resumes_from"]), "duplicate"
+        extra = any(t.number < trial.number and t.state != TrialState.FAIL
+                    and (_config_of(t), _resumes_from(t)) == key for t in trials)
+    elif "config" not in attrs:
+        mark = "surplus"
+        extra = len({_config_of(t) for t in trials if t.state in LIVE and not _resumes_from(t)
+                     and _config_of(t) < trial.number}) >= budget
+    else:
+        return False  # a configuration's first job queued again: only one worker queues it
+    if extra:
+        trial.set_user_attr(mark, True)
+        study.tell(trial, state=TrialState.FAIL)
+    return extra
+
+
+def _start_from_source(trial: Trial, run_dir: Path, log: Log) -> None:
+    """Copy the run a promotion continues into its own fresh folder, and record in ``trained_from``
+    the epoch its training starts at. A run trained on another machine is not here: the promotion
+    then trains its configuration from the first epoch (same figures, more epochs)."""
+    source, start = trial.user_attrs.get("source_dir"), 0
+    if source is not None and (Path(source) / CHECKPOINT).exists():
+        shutil.copytree(source, run_dir)
+        start = trial.user_attrs["resumes_from"]
+    elif source is not None:
+        log(f"trial {trial.number}: the run it continues is not in {source} (trained on another machine?): "
+            f"training configuration {_config_of(trial)} from the first epoch")
+    trial.set_user_attr("trained_from", start)
 
 
 class _Heartbeat:
@@ -439,6 +710,8 @@ def run_worker(cfg: SweepConfig, worker: int = 0, train_fn: TrainFn = train, log
         start = time.perf_counter()
         try:
             with _Heartbeat(trial, cfg.stale_after / 4):
+                if cfg.pruner == "promote":
+                    _start_from_source(trial, run_dir, log)
                 value = run_trial(trial, cfg, run_dir, train_fn)
             frozen = study.tell(trial, value)
         except optuna.TrialPruned:
@@ -451,13 +724,24 @@ def run_worker(cfg: SweepConfig, worker: int = 0, train_fn: TrainFn = train, log
             study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             raise
         done += 1
-        finished = len(study.get_trials(deepcopy=False, states=FINISHED))
-        log(f"[{finished}/{cfg.trials}] {_describe(frozen, cfg.base.epochs)} ({time.perf_counter() - start:.0f} s)")
+        log(f"[{_progress(study, cfg)}] {_describe(frozen, cfg.base.epochs)} ({time.perf_counter() - start:.0f} s)")
+
+
+def _progress(study: optuna.Study, cfg: SweepConfig) -> str:
+    """How much of the budget is done: finished trials, or configurations whose first job finished."""
+    trials = study.get_trials(deepcopy=False)
+    if cfg.pruner == "promote":
+        started = len(_read_jobs(trials, cfg.base.epochs).started)
+        return f"{started}/{cfg.trials} configurations"
+    return f"{sum(t.state in FINISHED for t in trials)}/{cfg.trials}"
 
 
 def _describe(trial: FrozenTrial, epochs: int) -> str:
     params = " ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
-    return (f"trial {trial.number} {trial.state.name.lower()} after {len(trial.intermediate_values)}/{epochs} epochs: "
+    who = f"trial {trial.number}"
+    if "config" in trial.user_attrs:
+        who += f" (configuration {_config_of(trial)}, from epoch {_resumes_from(trial)})"
+    return (f"{who} {trial.state.name.lower()} after {len(trial.intermediate_values)}/{epochs} epochs: "
             f"val acc {100 * trial.value:.2f}%  {params}")
 
 
@@ -485,7 +769,8 @@ def run_sweep(cfg: SweepConfig, train_fn: TrainFn = train, log: Log = _say) -> d
     cfg.validate()
     study = open_study(cfg, worker=cfg.workers)
     before = len(study.get_trials(deepcopy=False, states=FINISHED))
-    log(f"study {cfg.study_name!r}: {before}/{cfg.trials} trials finished"
+    counted = "started" if cfg.pruner == "promote" else "trials finished"
+    log(f"study {cfg.study_name!r}: {_progress(study, cfg)} {counted}"
         + (", continuing" if before else "") + f"; searching {', '.join(search_space(cfg))}")
     if cfg.workers == 1:
         run_worker(cfg, 0, train_fn, log)
@@ -506,11 +791,18 @@ def run_sweep(cfg: SweepConfig, train_fn: TrainFn = train, log: Log = _say) -> d
     return summary
 
 
-def _trial_row(trial: FrozenTrial) -> dict[str, Any]:
+def _trial_row(trial: FrozenTrial, promote: bool) -> dict[str, Any]:
+    """A trial's line of sweep.json; with ``--pruner promote`` also its job: the configuration, the
+    epoch it resumed from and the epochs it trained (its curve includes the copied epochs)."""
     values = list(trial.intermediate_values.values())
     note = "surplus: created past the budget, never trained" if trial.user_attrs.get("surplus") else None
+    if trial.user_attrs.get("duplicate"):
+        note = "duplicate: the same promotion was made first by another worker; never trained"
+    job = {"config": _config_of(trial), "resumes_from": _resumes_from(trial),
+           "epochs_trained": _epochs_trained(trial)} if promote else {}
     return {
         "trial": trial.number,
+        **job,
         "state": trial.state.name,
         "params": trial.params,
         "val_acc": trial.value,
@@ -528,13 +820,17 @@ def summarise(study: optuna.Study, cfg: SweepConfig, train_fn: TrainFn = train, 
 
     ``val_acc`` is a trial's value (its last epoch's validation accuracy); ``best_val_acc`` the best
     epoch's. The epoch count compares the epochs trained with a full grid: the same number of
-    settings, each trained for every epoch.
+    settings, each trained for every epoch. With ``--pruner promote`` a row is one job, the
+    settings are the configurations whose first job finished (``cfg.trials`` once complete), and
+    a promotion's copied epochs are not counted as spent.
     """
     trials = study.get_trials(deepcopy=False)
     finished = [t for t in trials if t.state in FINISHED]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    spent = sum(len(t.intermediate_values) for t in trials)
-    full_grid = len(finished) * cfg.base.epochs
+    promote = cfg.pruner == "promote"
+    spent = sum(_epochs_trained(t) for t in trials)
+    settings = len(_read_jobs(trials, cfg.base.epochs).started) if promote else len(finished)
+    full_grid = settings * cfg.base.epochs
     summary: dict[str, Any] = {
         "study": cfg.study_name,
         "storage": cfg.storage or str(cfg.out_dir / STORAGE_FILE),
@@ -544,16 +840,19 @@ def summarise(study: optuna.Study, cfg: SweepConfig, train_fn: TrainFn = train, 
         "pruner": cfg.pruner,
         "trials_requested": cfg.trials,
         "trials_finished": len(finished),
-        "complete": len(finished) >= cfg.trials,
+        "complete": _next_job(trials, cfg) == DONE if promote else len(finished) >= cfg.trials,
         "epochs": {"spent": spent, "per_full_run": cfg.base.epochs, "full_grid": full_grid,
                    "fraction_of_full_grid": spent / full_grid if full_grid else None},
         "config": cfg.base.to_dict(),
-        "trials": [_trial_row(t) for t in trials],
+        "trials": [_trial_row(t, promote) for t in trials],
         "best": None,
     }
+    if promote:
+        summary["configurations"] = {"requested": cfg.trials, "started": settings}
     if complete:
         best = max(complete, key=lambda t: (t.value, -t.number))
-        summary["best"] = {"trial": best.number, "params": best.params, "val_acc": best.value,
+        summary["best"] = {"trial": best.number, **({"config": _config_of(best)} if promote else {}),
+                           "params": best.params, "val_acc": best.value,
                            "epochs": len(best.intermediate_values), "run_dir": best.user_attrs.get("run_dir"),
                            "test_acc": None}
         if summary["complete"]:
@@ -576,30 +875,57 @@ def _winner_test_accuracy(cfg: SweepConfig, best: FrozenTrial, train_fn: TrainFn
 # ------------------------------------------------------------------------------------- output
 
 def format_table(summary: dict[str, Any]) -> str:
-    """One line per trial: number, searched values, validation accuracy, epochs, state; * = best."""
+    """One line per trial: number, searched values, validation accuracy, epochs, state; * = best.
+    With ``--pruner promote`` a line is one job: its configuration comes after the trial number,
+    and ``epochs`` shows the epochs it trained (e.g. ``4-9`` for a promotion from rung 3)."""
     names = list(summary["search_space"])
     best = summary["best"]["trial"] if summary["best"] else None
-    header = (f"{'trial':>6}  " + "".join(f"{n:>13}" for n in names)
+    promote = summary["pruner"] == "promote"
+    header = (f"{'trial':>6}  " + (f"{'config':>7}" if promote else "") + "".join(f"{n:>13}" for n in names)
               + f"{'val acc':>9}{'best val':>10}{'epochs':>8}  state")
     lines = [header, "-" * len(header)]
     for row in summary["trials"]:
         if row["note"]:
             continue
+        config = f"{row['config']:>7}" if promote else ""
         params = "".join(f"{_fmt(row['params'][n]) if n in row['params'] else '-':>13}" for n in names)
         val = f"{100 * row['val_acc']:.2f}%" if row["val_acc"] is not None else "-"
         best_val = f"{100 * row['best_val_acc']:.2f}%" if row["best_val_acc"] is not None else "-"
+        epochs = _job_epochs(row) if promote else row["epochs"]
         mark = "*" if row["trial"] == best else " "
-        lines.append(f"{row['trial']:>5}{mark}  {params}{val:>9}{best_val:>10}{row['epochs']:>8}  "
+        lines.append(f"{row['trial']:>5}{mark}  {config}{params}{val:>9}{best_val:>10}{epochs:>8}  "
                      f"{row['state'].lower()}")
     return "\n".join(lines)
 
 
+def _job_epochs(row: dict[str, Any]) -> str:
+    """The epochs a job trained, as ``first-last`` (one number for one epoch, ``-`` for none)."""
+    last, trained = row["epochs"], row["epochs_trained"]
+    if not trained:
+        return "-"
+    return str(last) if trained == 1 else f"{last - trained + 1}-{last}"
+
+
+def _plotted_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows with a value; with ``--pruner promote`` only each configuration's furthest job, so
+    that a point is a configuration at the last rung it reached."""
+    rows = [r for r in summary["trials"] if r["val_acc"] is not None]
+    if summary["pruner"] != "promote":
+        return rows
+    furthest: dict[int, dict[str, Any]] = {}
+    for row in rows:
+        if row["config"] not in furthest or row["epochs"] > furthest[row["config"]]["epochs"]:
+            furthest[row["config"]] = row
+    return list(furthest.values())
+
+
 def plot_sweep(summary: dict[str, Any], path: str | os.PathLike) -> Path:
     """Validation accuracy (each trial's value) against each searched value, one panel each;
-    pruned trials hollow (their value is from the epoch they stopped at), the best starred."""
+    pruned trials hollow (their value is from the epoch they stopped at), the best starred.
+    With ``--pruner promote`` a point is a configuration (see :func:`_plotted_rows`)."""
     space = summary["search_space"]
     fig, axes = plt.subplots(1, len(space), figsize=(4.2 * len(space), 3.6), squeeze=False)
-    rows = [r for r in summary["trials"] if r["val_acc"] is not None]
+    rows = _plotted_rows(summary)
     best = summary["best"]
     for ax, (name, (kind, low, high)) in zip(axes[0], space.items(), strict=True):
         for state, style in (("COMPLETE", {"color": "C0"}), ("PRUNED", {"facecolors": "none", "edgecolors": "C1"})):

@@ -3,6 +3,7 @@
     dropkit sweep --model srivastava_mlp --trials 12 --epochs 9 --out runs/sweep
     dropkit sweep ... --workers 2                    # two local processes on one study
     dropkit sweep ... --storage postgresql://host/db  # one study shared by several machines
+    dropkit sweep ... --pruner promote               # promote the best third of each rung (fewer epochs)
 
 Running the same command again continues the study; see :mod:`dropkit.sweep` for how trials are
 trained, pruned, counted and recovered.
@@ -31,7 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     search = parser.add_argument_group("search")
     search.add_argument("--trials", type=int_at_least(1), default=20,
-                        help="finished trials (complete or pruned) the study should hold (default %(default)s)")
+                        help="finished trials (complete or pruned) the study should hold; with --pruner promote, "
+                             "configurations to sample (default %(default)s)")
     search.add_argument("--p-range", type=float_in(0, 1, high_open=True), nargs=2, default=(0.0, 0.8),
                         metavar=("LOW", "HIGH"),
                         help="range of every searched dropout rate, 0 <= LOW < HIGH < 1 (default 0 0.8); "
@@ -46,7 +48,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         metavar=("LOW", "HIGH"),
                         help="range for --search-weight-decay (default {:g} {:g})".format(*DEFAULT_WEIGHT_DECAY_RANGE))
     search.add_argument("--pruner", choices=PRUNERS, default="halving",
-                        help="stop poor trials early on validation accuracy per epoch (default %(default)s)")
+                        help="halving, median: stop poor trials early on validation accuracy per epoch; promote: "
+                             "train configurations rung by rung (1, 3, 9, ... epochs) and take only the best "
+                             "third of a rung further (promotion-based asynchronous successive halving); "
+                             "none: train every trial in full (default %(default)s)")
     study = parser.add_argument_group("study")
     study.add_argument("--out", type=Path, default=Path("runs/sweep"),
                        help="sweep folder: study journal, trials/, sweep.json, sweep.png (default %(default)s)")
@@ -95,18 +100,20 @@ def run(args: argparse.Namespace) -> int:
               "the default journal file is the safe local choice", flush=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     base = cfg.base
-    print(f"dropkit sweep: {base.model} on {base.dataset}, {cfg.trials} trials of up to {base.epochs} epochs, "
+    unit = "configurations" if cfg.pruner == "promote" else "trials"
+    print(f"dropkit sweep: {base.model} on {base.dataset}, {cfg.trials} {unit} of up to {base.epochs} epochs, "
           f"pruner {cfg.pruner}, {cfg.workers} worker(s)", flush=True)
     summary = run_sweep(cfg)
     print(format_table(summary))
     epochs = summary["epochs"]
     if epochs["full_grid"]:
         print(f"epochs trained: {epochs['spent']} ({100 * epochs['fraction_of_full_grid']:.0f}% of the "
-              f"{epochs['full_grid']} that {summary['trials_finished']} unpruned runs would take)")
+              f"{epochs['full_grid']} that {epochs['full_grid'] // epochs['per_full_run']} unpruned runs would take)")
     best = summary["best"]
     if not summary["complete"]:
-        print(f"study incomplete: {summary['trials_finished']}/{cfg.trials} trials finished; "
-              f"run the same command again to continue it")
+        done = (f"{summary['configurations']['started']}/{cfg.trials} configurations started"
+                if cfg.pruner == "promote" else f"{summary['trials_finished']}/{cfg.trials} trials finished")
+        print(f"study incomplete: {done}; run the same command again to continue it")
         return 1
     if best is not None:
         params = ", ".join(f"{k}={v:.4g}" for k, v in best["params"].items())
