@@ -2,13 +2,22 @@
 
 import pytest
 
-from dropkit.train import TrainConfig, train
+from dropkit.train import ADAPTIVE_START_P, TrainConfig, model_p, train
 
 SMALL = dict(limit_train=800, limit_test=200, val_size=200, batch_size=100)
 
 
 def _ps(result):
     return [row["p"] for row in result.history]
+
+
+def test_adaptive_rates_start_low_unless_given_a_start():
+    assert model_p(TrainConfig()) is None  # a fixed rate keeps the model's default
+    assert model_p(TrainConfig(p=0.3)) == 0.3
+    assert model_p(TrainConfig(rate="auto")) == model_p(TrainConfig(rate="concrete")) == ADAPTIVE_START_P == 0.1
+    assert model_p(TrainConfig(rate="auto", p=0.4)) == 0.4
+    first = train(TrainConfig(**SMALL, epochs=1, rate="auto"), quiet=True).history[0]
+    assert first["p"] == ADAPTIVE_START_P  # the controller moves p only after an epoch's losses
 
 
 def test_early_and_late_schedules_record_the_documented_p():

@@ -55,6 +55,7 @@ from dropkit.models import build_model, main_rate, output_layer
 from dropkit.schedule import CurriculumRamp, EarlyDropout, LateDropout, OverfitController, ScheduleCallback
 
 __all__ = [
+    "ADAPTIVE_START_P",
     "OPTIMIZERS",
     "SCHEDULES",
     "TrainConfig",
@@ -64,6 +65,7 @@ __all__ = [
     "hidden_linears",
     "iter_metrics",
     "load_splits",
+    "model_p",
     "peak_rss_mib",
     "train",
 ]
@@ -72,6 +74,11 @@ OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
 SCHEDULES = ("none", "cosine", "step")
 #: how the dropout rate is set: fixed (p, optionally scheduled), auto (OverfitController), concrete (learnt)
 RATES = ("fixed", "auto", "concrete")
+#: where an adaptive rate (auto, concrete) starts the main rate when ``p`` is not given. Low, for two
+#: reasons: the controller reads overfitting reliably (validation loss stalls while the gap widens)
+#: but cannot tell underfitting from convergence, so it should add dropout, not remove it; and
+#: Gal et al.'s reference code of Concrete Dropout starts its rates at 0.1.
+ADAPTIVE_START_P = 0.1
 #: schedules of a fixed rate over the run (dropkit.schedule)
 DROP_SCHEDULES = ("constant", "curriculum", "early", "late")
 CHECKPOINT = "checkpoint.pt"
@@ -93,7 +100,8 @@ class TrainConfig:
     """Everything that determines a run; two runs with equal configs produce equal metrics.
 
     ``p`` sets the model's main dropout rate (see :func:`dropkit.models.build_model`); None keeps
-    the model's default. ``max_norm``: after every step, each hidden Linear's incoming weight vector
+    the model's default. With ``rate="auto"`` or ``"concrete"``, ``p`` is where the rate starts
+    (None: :data:`ADAPTIVE_START_P`). ``max_norm``: after every step, each hidden Linear's incoming weight vector
     (one row per unit) is rescaled to norm <= ``max_norm`` (Srivastava et al. 2014, JMLR, sec. 5.1:
     with dropout it allows large learning rates without weights blowing up; they used c of 3-4).
     ``limit_train``/``limit_test`` keep the first N examples, for quick runs and tests.
@@ -408,12 +416,13 @@ def train(
     if resume and out_dir is None:
         raise ValueError("resume needs an output folder (out_dir) holding the run's checkpoint")
     rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
-    rate = main_rate(config.model, config.p, **config.model_kwargs)
+    p = model_p(config)
+    rate = main_rate(config.model, p, **config.model_kwargs)
     train_split, val_split, test_split = load_splits(
         config.dataset, config.data_dir, config.val_size, config.limit_train, config.limit_test
     )
     rng.manual_seed(config.seed)
-    model = build_model(config.model, config.p, **config.model_kwargs)
+    model = build_model(config.model, p, **config.model_kwargs)
     if config.rate == "concrete":
         to_concrete(model, **dict(zip(("weight_regularizer", "dropout_regularizer"),
                                       regularizer_weights(len(train_split)))))
@@ -465,6 +474,12 @@ def train(
     if out is not None and main:
         _write_text(out / "result.json", json.dumps(result.summary(), indent=2) + "\n")
     return result
+
+
+def model_p(config: TrainConfig) -> float | None:
+    """The main rate the model is built with: ``config.p``, or :data:`ADAPTIVE_START_P` where an
+    adaptive rate is given no start (None keeps the model's default for a fixed rate)."""
+    return ADAPTIVE_START_P if config.p is None and config.rate != "fixed" else config.p
 
 
 def _rate_callback(config: TrainConfig, rate: float) -> ScheduleCallback | OverfitController | None:

@@ -38,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--p", type=_rate, nargs="+", default=[None], metavar="P",
                         help="main dropout rate(s) in [0, 1], one run each (default: the model's own); "
                              "'auto' lets dropkit's controller steer p from the validation loss, "
-                             "'concrete' learns p by Concrete Dropout")
+                             "'concrete' learns p by Concrete Dropout (both start the main rate at 0.1)")
     parser.add_argument("--p-schedule", choices=DROP_SCHEDULES, default="constant",
                         help="how a fixed p evolves: constant; curriculum (ramp from 0, Morerio et al. 2017); "
                              "early (p decaying to 0 by --p-cutoff) or late (0 until --p-cutoff), Liu et al. 2023")
