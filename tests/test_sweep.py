@@ -134,7 +134,7 @@ def test_two_workers_finish_exactly_n_trials(tmp_path):
     """Real training on 600 MNIST images, two worker processes, one journal file."""
     argv = ["sweep", "--model", "tutorial_mlp", "--model-arg", "hidden=16", "--trials", "6", "--workers", "2",
             "--epochs", "2", "--limit-train", "600", "--limit-test", "200", "--val-size", "200",
-            "--out", str(tmp_path)]
+            "--pruner", "halving", "--out", str(tmp_path)]
     assert main(argv) == 0
     trials = _load(tmp_path).get_trials()
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]

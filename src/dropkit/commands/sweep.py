@@ -47,7 +47,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     search.add_argument("--weight-decay-range", type=float_in(0, math.inf, low_open=True, high_open=True), nargs=2,
                         metavar=("LOW", "HIGH"),
                         help="range for --search-weight-decay (default {:g} {:g})".format(*DEFAULT_WEIGHT_DECAY_RANGE))
-    search.add_argument("--pruner", choices=PRUNERS, default="halving",
+    search.add_argument("--pruner", choices=PRUNERS, default="promote",
                         help="halving, median: stop poor trials early on validation accuracy per epoch; promote: "
                              "train configurations rung by rung (1, 3, 9, ... epochs) and take only the best "
                              "third of a rung further (promotion-based asynchronous successive halving); "
