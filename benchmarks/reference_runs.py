@@ -35,6 +35,10 @@ RUNS: dict[str, tuple[TrainConfig, str]] = {
     "fashion_cnn": (
         TrainConfig(model="cnn", dataset="fashion-mnist", optimizer="adam", lr=1e-3, schedule="cosine", epochs=15),
         ">= 93.0 % (anchor 92.6 %, 3 conv + 2 FC + dropout)"),
+    "fashion_cnn_batchnorm": (
+        TrainConfig(model="cnn", model_kwargs={"batchnorm": True}, dataset="fashion-mnist", optimizer="adam",
+                    lr=1e-3, schedule="cosine", epochs=15),
+        ">= 93.0 % (anchor 92.6 %, 3 conv + 2 FC + dropout)"),
     "mnist_lstm": (
         TrainConfig(model="lstm", optimizer="adam", lr=2e-3, schedule="cosine", epochs=10), ">= 98.5 %"),
 }

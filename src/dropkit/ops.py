@@ -178,7 +178,8 @@ class _EagerMasked(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (bits,) = ctx.saved_tensors
-        return _EagerMasked.apply(grad, ctx.seed, bits, ctx.p, _GRAD_KIND[ctx.kind], False), None, None, None, None, None
+        grad_x = _EagerMasked.apply(grad, ctx.seed, bits, ctx.p, _GRAD_KIND[ctx.kind], False)
+        return grad_x, None, None, None, None, None
 
 
 def _eager_kernel(x: torch.Tensor) -> bool:
