@@ -25,6 +25,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
+from dropkit import distributed
 from dropkit.cli import main
 from dropkit.sweep import (
     STORAGE_FILE,
@@ -145,6 +146,24 @@ def test_two_workers_finish_exactly_n_trials(tmp_path):
     summary = json.loads((tmp_path / "sweep.json").read_text())
     assert summary["complete"] and summary["trials_finished"] == 6
     assert (tmp_path / "sweep.png").stat().st_size > 0
+
+
+def test_nproc_trains_every_job_as_a_data_parallel_run(tmp_path, capsys, monkeypatch):
+    """Real training on a slice, each of 2 configurations' jobs on 2 gloo processes."""
+    launched = []
+    launch = distributed.launch
+    monkeypatch.setattr(distributed, "launch", lambda nproc, fn, *args: launched.append(nproc) or launch(nproc, fn, *args))
+    argv = ["sweep", "--model", "tutorial_mlp", "--model-arg", "hidden=16", "--trials", "2", "--nproc", "2",
+            "--epochs", "1", "--limit-train", "400", "--limit-test", "100", "--val-size", "100",
+            "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert "1 worker(s) of 2 processes" in capsys.readouterr().out
+    assert len(launched) >= 2 and set(launched) == {2}  # one launch per job (and one to read the winner)
+    summary = json.loads((tmp_path / "sweep.json").read_text())
+    assert summary["complete"] and summary["best"]["test_acc"] is not None
+    for row in summary["trials"]:
+        metrics = Path(row["run_dir"]) / "metrics.jsonl"
+        assert len(metrics.read_text().splitlines()) == 1  # rank 0 wrote its one epoch, once
 
 
 def test_killed_worker_loses_only_its_trial_and_a_rerun_completes(tmp_path):

@@ -120,12 +120,14 @@ from optuna.storages import JournalStorage  # noqa: E402
 from optuna.storages.journal import JournalFileBackend  # noqa: E402
 from optuna.trial import FrozenTrial, Trial, TrialState  # noqa: E402
 
-from dropkit import rng  # noqa: E402
+from dropkit import distributed, rng  # noqa: E402
 from dropkit.models import MODELS  # noqa: E402
 from dropkit.train import CHECKPOINT, TrainConfig, train  # noqa: E402
 
 __all__ = [
     "PRUNERS",
+    "DataParallelTrain",
+    "RunHistory",
     "SweepConfig",
     "format_table",
     "next_promotion",
@@ -338,6 +340,31 @@ def _check_same_settings(cfg: SweepConfig, saved: dict[str, Any], record: dict[s
 
 
 # ---------------------------------------------------------------------------------------- a trial
+
+@dataclass(frozen=True)
+class RunHistory:
+    """What a sweep reads of a finished training call: its metrics, one dict per epoch."""
+
+    history: list[dict[str, Any]]
+
+
+def _history_of(config: TrainConfig, out_dir: str, resume: bool) -> list[dict[str, Any]]:
+    return train(config, out_dir, resume=resume, quiet=True).history
+
+
+@dataclass(frozen=True)
+class DataParallelTrain:
+    """A ``train_fn`` that runs every job of a sweep as a data-parallel run of ``nproc`` local
+    processes (``dropkit sweep --nproc``; see :mod:`dropkit.distributed`): each rank draws its own
+    masks, rank 0 writes the run folder, and the sweep reads rank 0's metrics. A module-level,
+    frozen class, so spawned sweep workers can take it along."""
+
+    nproc: int
+
+    def __call__(self, config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
+                 quiet: bool = False) -> RunHistory:
+        return RunHistory(distributed.launch(self.nproc, _history_of, config, str(out_dir), resume))
+
 
 def run_trial(trial: Trial, cfg: SweepConfig, run_dir: Path, train_fn: TrainFn = train) -> float:
     """Train one trial in ``run_dir`` and return its last validation accuracy.

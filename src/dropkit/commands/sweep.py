@@ -2,6 +2,7 @@
 
     dropkit sweep --model srivastava_mlp --trials 12 --epochs 9 --out runs/sweep
     dropkit sweep ... --workers 2                    # two local processes on one study
+    dropkit sweep ... --nproc 2                      # every trial a data-parallel run of 2 processes
     dropkit sweep ... --storage postgresql://host/db  # one study shared by several machines
     dropkit sweep ... --pruner promote               # promote the best third of each rung (fewer epochs)
 
@@ -18,7 +19,8 @@ from pathlib import Path
 import optuna
 
 from dropkit.commands.options import add_run_options, config_from_args, float_in, int_at_least
-from dropkit.sweep import PLOT_FILE, PRUNERS, SUMMARY_FILE, SweepConfig, format_table, run_sweep
+from dropkit.sweep import PLOT_FILE, PRUNERS, SUMMARY_FILE, DataParallelTrain, SweepConfig, format_table, run_sweep
+from dropkit.train import train
 
 DEFAULT_LR_RANGE = (1e-4, 1e-1)
 DEFAULT_WEIGHT_DECAY_RANGE = (1e-6, 1e-2)
@@ -59,6 +61,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     study.add_argument("--storage", default=None, metavar="URL",
                        help="Optuna storage URL shared by several machines, e.g. postgresql://user@host/db "
                             "(default: a journal file in --out)")
+    study.add_argument("--nproc", type=int_at_least(1), default=1,
+                       help="train every trial as a data-parallel run of this many local processes "
+                            "(torch.distributed; with --workers W, W x NPROC processes in all)")
     study.add_argument("--workers", type=int_at_least(1), default=1,
                        help="local worker processes on the study (default %(default)s)")
     study.add_argument("--stale-after", type=float_in(0, math.inf, low_open=True, high_open=True), default=120.0,
@@ -102,8 +107,9 @@ def run(args: argparse.Namespace) -> int:
     base = cfg.base
     unit = "configurations" if cfg.pruner == "promote" else "trials"
     print(f"dropkit sweep: {base.model} on {base.dataset}, {cfg.trials} {unit} of up to {base.epochs} epochs, "
-          f"pruner {cfg.pruner}, {cfg.workers} worker(s)", flush=True)
-    summary = run_sweep(cfg)
+          f"pruner {cfg.pruner}, {cfg.workers} worker(s)" + (f" of {args.nproc} processes" if args.nproc > 1 else ""),
+          flush=True)
+    summary = run_sweep(cfg, DataParallelTrain(args.nproc) if args.nproc > 1 else train)
     print(format_table(summary))
     epochs = summary["epochs"]
     if epochs["full_grid"]:
