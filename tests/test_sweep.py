@@ -166,22 +166,28 @@ def test_nproc_trains_every_job_as_a_data_parallel_run(tmp_path, capsys, monkeyp
         assert len(metrics.read_text().splitlines()) == 1  # rank 0 wrote its one epoch, once
 
 
-def test_killed_worker_loses_only_its_trial_and_a_rerun_completes(tmp_path):
+def _kill_a_worker_in_its_hang(tmp_path: Path, cfg_args: str, **env: str) -> None:
+    """Run a worker process on ``fake_cfg(tmp_path<cfg_args>)`` whose fake hangs (see HANG_ENV) and
+    SIGKILL it once it is inside the hang, as a crash or an OOM kill would."""
     marker = tmp_path / "hanging"
     child = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
              "import optuna; optuna.logging.set_verbosity(optuna.logging.WARNING)\n"
              "from test_sweep import fake_cfg, fake_train\n"
              "from dropkit.sweep import run_worker\n"
-             f"run_worker(fake_cfg({str(tmp_path)!r}, pruner='median'), 0, fake_train)\n")
-    proc = subprocess.Popen([sys.executable, "-c", child], env={**os.environ, HANG_ENV: str(marker)})
+             f"run_worker(fake_cfg({str(tmp_path)!r}{cfg_args}), 0, fake_train)\n")
+    proc = subprocess.Popen([sys.executable, "-c", child], env={**os.environ, HANG_ENV: str(marker), **env})
     try:
         deadline = time.monotonic() + 60
         while not marker.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "the worker never reached trial 1"
+            assert proc.poll() is None and time.monotonic() < deadline, "the worker never reached its hang"
             time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+def test_killed_worker_loses_only_its_trial_and_a_rerun_completes(tmp_path):
+    _kill_a_worker_in_its_hang(tmp_path, ", pruner='median'")
     before = _load(tmp_path).get_trials()
     assert [t.state for t in before] == [TrialState.COMPLETE, TrialState.RUNNING]
     assert before[1].intermediate_values == {1: pytest.approx(0.9 - (before[1].params["p"] - 0.3) ** 2 + 0.01)}
@@ -249,11 +255,8 @@ def test_an_incomplete_study_reports_no_test_accuracy(tmp_path):
     assert not summary["complete"] and summary["best"]["test_acc"] is None and TEST_READS == []
 
 
-def test_a_trial_created_past_the_budget_is_surplus_and_never_trained(tmp_path):
-    """Another machine (not under this machine's lock) creates a trial between our count and our ask."""
-    cfg = fake_cfg(tmp_path, trials=2)
-    study = open_study(cfg)
-    study.tell(study.ask({"p": optuna.distributions.FloatDistribution(0, 0.8)}), 0.5)
+def _ask_after_another_machine(study: optuna.Study, cfg: SweepConfig) -> None:
+    """Make ``study.ask`` let another machine (not under this machine's lock) create a trial first."""
     other = open_study(cfg, worker=1)
     ask = study.ask
 
@@ -262,6 +265,14 @@ def test_a_trial_created_past_the_budget_is_surplus_and_never_trained(tmp_path):
         return ask(*args, **kwargs)
 
     study.ask = racing_ask
+
+
+def test_a_trial_created_past_the_budget_is_surplus_and_never_trained(tmp_path):
+    """Another machine (not under this machine's lock) creates a trial between our count and our ask."""
+    cfg = fake_cfg(tmp_path, trials=2)
+    study = open_study(cfg)
+    study.tell(study.ask({"p": optuna.distributions.FloatDistribution(0, 0.8)}), 0.5)
+    _ask_after_another_machine(study, cfg)
     assert _claim(study, cfg, log=lambda line: None) == WAIT
     ours = study.get_trials()[-1]
     assert ours.number == 2 and ours.state == TrialState.FAIL and ours.user_attrs["surplus"] and not ours.params
@@ -420,23 +431,9 @@ def test_two_workers_run_every_job_of_a_promote_study_once(tmp_path, monkeypatch
 
 
 def test_a_killed_promote_worker_loses_only_its_job_and_a_rerun_completes(tmp_path):
-    marker = tmp_path / "hanging"
     _promote_cfg(tmp_path)
-    child = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-             "import optuna; optuna.logging.set_verbosity(optuna.logging.WARNING)\n"
-             "from test_sweep import fake_cfg, fake_train\n"
-             "from dropkit.sweep import run_worker\n"
-             f"run_worker(fake_cfg({str(tmp_path)!r}, trials=9, epochs=9, pruner='promote'), 0, fake_train)\n")
-    env = {**os.environ, HANG_ENV: str(marker), HANG_AT_ENV: "-0009 3"}   # trial 9: the first promotion
-    proc = subprocess.Popen([sys.executable, "-c", child], env=env)
-    try:
-        deadline = time.monotonic() + 60
-        while not marker.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "the worker never reached trial 9"
-            time.sleep(0.05)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    # the hang is in trial 9, the first promotion
+    _kill_a_worker_in_its_hang(tmp_path, ", trials=9, epochs=9, pruner='promote'", **{HANG_AT_ENV: "-0009 3"})
     before = _load(tmp_path).get_trials()
     assert [t.state for t in before] == [TrialState.PRUNED] * 9 + [TrialState.RUNNING]
     assert _job(before[9]) == (1, 1)
@@ -486,14 +483,7 @@ def test_a_promotion_made_first_by_another_machine_is_a_duplicate_and_never_trai
 def test_a_configuration_created_past_the_budget_is_surplus_and_never_trained(tmp_path):
     cfg = fake_cfg(tmp_path, trials=2, epochs=3, pruner="promote")
     study = _finished_first_jobs(cfg, [0.5])
-    other = open_study(cfg, worker=1)
-    ask = study.ask
-
-    def racing_ask(*args, **kwargs):
-        other.ask()
-        return ask(*args, **kwargs)
-
-    study.ask = racing_ask
+    _ask_after_another_machine(study, cfg)
     assert _claim(study, cfg, log=lambda line: None) == WAIT
     ours = study.get_trials()[-1]
     assert ours.number == 2 and ours.state == TrialState.FAIL and ours.user_attrs["surplus"] and not ours.params
