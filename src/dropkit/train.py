@@ -101,8 +101,8 @@ class TrainConfig:
 
     ``p`` sets the model's main dropout rate (see :func:`dropkit.models.build_model`); None keeps
     the model's default. With ``rate="auto"`` or ``"concrete"``, ``p`` is where the rate starts
-    (None: :data:`ADAPTIVE_START_P`). ``max_norm``: after every step, each hidden Linear's incoming weight vector
-    (one row per unit) is rescaled to norm <= ``max_norm`` (Srivastava et al. 2014, JMLR, sec. 5.1:
+    (None: :data:`ADAPTIVE_START_P`). ``max_norm``: after every step, each hidden Linear's incoming
+    weight vector (one row per unit) is rescaled to norm <= ``max_norm`` (Srivastava et al. 2014, JMLR, sec. 5.1:
     with dropout it allows large learning rates without weights blowing up; they used c of 3-4).
     ``limit_train``/``limit_test`` keep the first N examples, for quick runs and tests.
     """

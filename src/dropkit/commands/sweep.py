@@ -4,7 +4,7 @@
     dropkit sweep ... --workers 2                    # two local processes on one study
     dropkit sweep ... --nproc 2                      # every trial a data-parallel run of 2 processes
     dropkit sweep ... --storage postgresql://host/db  # one study shared by several machines
-    dropkit sweep ... --pruner promote               # promote the best third of each rung (fewer epochs)
+    dropkit sweep ... --pruner halving               # Optuna's stopping-based halving instead of promote
 
 Running the same command again continues the study; see :mod:`dropkit.sweep` for how trials are
 trained, pruned, counted and recovered.
