@@ -196,6 +196,58 @@ def test_op_outputs_and_gradients_equal_reference(op, kind, saved, dtype):
     assert_bitwise_equal(x.grad, reference.masked(grad, keep, grad_kind, p))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_dropout_grad_kernel_equals_reference(dtype):
+    for n in SIZES:
+        out = kernels.masked(sample(n, dtype, seed=n), BIG_SEED, 0.35, "relu_dropout")[0]
+        grad = sample(n, dtype, seed=n + 1)
+        assert_bitwise_equal(kernels.relu_dropout_grad(grad, out, 0.35), reference.relu_dropout_grad(grad, out, 0.35))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_relu_dropout_equals_relu_then_dropout_with_the_same_mask(dtype):
+    """Fused or not, the same values and gradients: out = kept ? relu(x) / (1-p) : 0, and the
+    gradient is the dropout of the gradient, cut where the input was not positive."""
+    p, seed = 0.35, torch.tensor(BIG_SEED)
+    x = sample(3 * 1001, dtype).reshape(3, 1001)
+    x[0, :10] = 0.0  # ReLU's kink: zero input, zero gradient, in both
+    x.requires_grad_()
+    grad = sample(3 * 1001, dtype, seed=1).reshape(3, 1001)
+    y = ops.relu_dropout(x, p, seed)
+    y.backward(grad)
+    fused_grad = x.grad
+    x.grad = None
+    y_pair = ops.dropout(torch.relu(x), p, seed, tuple(x.shape))
+    y_pair.backward(grad)
+    assert_bitwise_equal(y, y_pair)
+    assert_bitwise_equal(fused_grad, x.grad)
+
+
+def test_relu_dropout_eager_path_equals_the_custom_ops_and_supports_double_backward():
+    p, seed = 0.35, torch.tensor(BIG_SEED)
+    x = sample(4099, torch.float64).requires_grad_()
+    grad = sample(4099, torch.float64, seed=1).requires_grad_()
+    y = ops.relu_dropout(x, p, seed)
+    assert_bitwise_equal(y, ops._relu_dropout(x.detach(), seed, p))
+    (gx,) = torch.autograd.grad(y, x, grad, create_graph=True)
+    assert_bitwise_equal(gx, ops._relu_dropout_grad(grad.detach(), y.detach(), p))
+    (ggrad,) = torch.autograd.grad(gx.sum(), grad)  # linear in grad: the same cut mask again
+    assert_bitwise_equal(ggrad, ops._relu_dropout_grad(torch.ones(4099, dtype=torch.float64), y.detach(), p))
+    assert torch.autograd.gradgradcheck(lambda t: ops._relu_dropout(t, seed, p), (x.detach()[:50].requires_grad_(),))
+
+
+def test_relu_dropout_keeps_only_its_output_which_the_next_layer_keeps_too():
+    torch.manual_seed(0)
+    linear_in, linear_out = torch.nn.Linear(64, 512), torch.nn.Linear(512, 8)
+    x = torch.randn(32, 64)
+    activation = 32 * 512 * 4
+    pair = saved_storage_bytes(lambda: linear_out(ops.dropout(torch.relu(linear_in(x)), 0.5, torch.tensor(1),
+                                                              (32, 512))))
+    fused = saved_storage_bytes(lambda: linear_out(ops.relu_dropout(linear_in(x), 0.5, torch.tensor(1))))
+    assert pair - fused == activation  # ReLU's saved output is gone; dropout kept nothing either way
+    assert saved_storage_bytes(lambda: ops._relu_dropout(x.requires_grad_(), torch.tensor(1), 0.5)) == 32 * 64 * 4
+
+
 def test_gaussian_op_gradient_is_the_same_noise():
     x = sample(5000, torch.float32).requires_grad_()
     y = ops.gaussian_dropout(x, 0.25, torch.tensor(7), (5000,))
@@ -261,6 +313,7 @@ class _Net(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.inp(x))
         h = ops.dropout(h, 0.5, rng.draw_seed(), tuple(h.shape), saved=self.saved)
+        h = DF.relu_dropout(h - 0.1, 0.25, training=True)
         h = DF.alpha_dropout(h, 0.2, training=True) + DF.gaussian_dropout(h, 0.1, training=True)
         h = DF.dropout1d(h.reshape(4, 8, 4), 0.3, training=True).reshape(4, 32)
         return self.out(h).sum()

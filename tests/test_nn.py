@@ -106,3 +106,59 @@ def test_convert_replaces_every_torch_dropout_in_place():
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
     assert torch.equal(model(x), before)
     assert dropkit.convert(model) == 0
+
+
+def _mlp_with_pairs() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Flatten(), dnn.Dropout(0.2), nn.Linear(20, 64), nn.ReLU(), dnn.Dropout(0.5, seed=11),
+        nn.Sequential(nn.Linear(64, 64), nn.ReLU(inplace=True), dnn.Dropout(0.3)),
+        nn.Linear(64, 32), nn.ReLU(), dnn.Dropout(0.4, mask_shape=(1, None)),  # shared mask: not fused
+        nn.Linear(32, 16), nn.ReLU(), nn.Dropout(0.5),  # torch's dropout: not fused
+        nn.Linear(16, 3),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fuse_relu_dropout_keeps_names_masks_outputs_and_gradients(dtype):
+    torch.manual_seed(0)
+    plain, fused = _mlp_with_pairs().to(dtype), _mlp_with_pairs().to(dtype)
+    fused.load_state_dict(plain.state_dict())
+    fused[4].eval()  # the mode of each Dropout carries over
+    plain[4].eval()
+    assert dropkit.fuse_relu_dropout(fused) == 2
+    assert isinstance(fused[3], nn.Identity) and isinstance(fused[4], dnn.ReLUDropout) and fused[4].p == 0.5
+    assert fused[4].seed == 11 and not fused[4].training
+    assert isinstance(fused[5][2], dnn.ReLUDropout) and fused[5][2].training
+    assert type(fused[8]) is dnn.Dropout and type(fused[11]) is nn.Dropout
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    x = torch.randn(16, 4, 5, dtype=dtype)
+    results = []
+    for model in (plain, fused):
+        torch.manual_seed(7)
+        out = model(x)
+        out.square().sum().backward()
+        results.append((out, [p.grad for p in model.parameters()]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+    assert dropkit.fuse_relu_dropout(fused) == 0
+
+
+def test_relu_dropout_layer_is_relu_in_eval_mode_and_zero_at_p_one():
+    x = torch.randn(8, 100, requires_grad=True)
+    layer = dnn.ReLUDropout(0.5)
+    y = layer(x)
+    assert bool((y >= 0).all()) and not torch.equal(y, torch.relu(x))
+    assert set(torch.unique(y[x > 0] / x[x > 0]).tolist()) <= {0.0, 2.0}
+    assert torch.equal(layer.eval()(x), torch.relu(x))
+    layer.train().p = 1.0
+    out = layer(x)
+    out.sum().backward()
+    assert not out.any() and not x.grad.any()
+    with pytest.raises(ValueError, match=r"p must be a probability in \[0, 1\]"):
+        dnn.ReLUDropout(-0.1)
+
+
+def test_convert_can_fuse_after_replacing():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 2))
+    assert dropkit.convert(model, fuse=True) == 1
+    assert isinstance(model[2], dnn.ReLUDropout) and isinstance(model[1], nn.Identity)

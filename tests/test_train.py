@@ -50,6 +50,19 @@ def test_a_short_run_learns_and_reports_every_metric():
     assert evaluate(result.model, train_part) == (pytest.approx(final["train_eval_loss"]), final["train_eval_acc"])
 
 
+def test_fusing_relu_dropout_changes_no_figure_and_keeps_less(monkeypatch):
+    """train() fuses ReLU -> Dropout pairs; the same run unfused gives the very same figures."""
+    config = TrainConfig(**SMALL, model="srivastava_mlp", model_kwargs={"width": 64, "depth": 2})
+    fused = train(config, quiet=True)
+    assert sum(type(m).__name__ == "ReLUDropout" for m in fused.model.modules()) == 2
+    monkeypatch.setattr(training, "fuse_relu_dropout", lambda model: 0)
+    unfused = train(config, quiet=True)
+    timings = ("saved_mib", *TIMINGS)
+    assert [{k: v for k, v in row.items() if k not in timings} for row in fused.history] == \
+        [{k: v for k, v in row.items() if k not in timings} for row in unfused.history]
+    assert fused.final["saved_mib"] < unfused.final["saved_mib"]  # ReLU's outputs are no longer kept
+
+
 def test_saved_for_backward_counts_activations_per_batch():
     def saved(batch_size: int) -> float:
         config = TrainConfig(**{**SMALL, "epochs": 1, "limit_train": 512}, batch_size=batch_size)

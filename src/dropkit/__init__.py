@@ -7,12 +7,13 @@ The common entry points are re-exported here::
     y = dropkit.dropout(x, 0.5, training=True)
     layer = dropkit.nn.Dropout(0.5)
     n = dropkit.convert(model)   # swap torch dropout modules for dropkit ones
+    dropkit.fuse_relu_dropout(model)  # ReLU -> Dropout pairs become one pass each way
 """
 
 from dropkit import functional, nn, rng
-from dropkit.convert import convert
+from dropkit.convert import convert, fuse_relu_dropout
 from dropkit.functional import dropout
 from dropkit.rng import manual_seed
 
-__all__ = ["convert", "dropout", "functional", "manual_seed", "nn", "rng"]
+__all__ = ["convert", "dropout", "fuse_relu_dropout", "functional", "manual_seed", "nn", "rng"]
 __version__ = "0.1.0"

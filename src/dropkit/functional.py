@@ -120,6 +120,36 @@ def dropout(
     return _apply(ops.dropout, x, p, training, mask_shape, seed, generator)
 
 
+def relu_dropout(
+    x: torch.Tensor,
+    p: float = 0.5,
+    *,
+    training: bool,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``dropout(relu(x))`` as one op: the same mask, values and gradients as the two ops in a row
+    with the same seed, in one pass forward and one backward, keeping only the output for backward.
+
+    In eval mode (or at p=0) it is ``torch.relu(x)``. :func:`dropkit.convert.fuse_relu_dropout`
+    puts it in place of ``ReLU -> Dropout`` pairs of a model.
+
+    Example:
+        >>> y = relu_dropout(torch.tensor([-1.0, 1.0, 2.0, 3.0]), 0.5, training=True, seed=0)
+        >>> bool((y >= 0).all())
+        True
+    """
+    _check_input(x)
+    p = check_p(p)
+    if not training or p == 0.0:
+        return torch.relu(x)
+    if p == 1.0:
+        return _zeros_like_with_grad(x)
+    if x.numel() == 0:
+        return x.clone()
+    return ops.relu_dropout(x, p, rng.resolve_seed(seed, generator))
+
+
 def _channel_mask_shape(x: torch.Tensor, spatial_dims: int, name: str) -> tuple[int, ...]:
     """Mask (N, C, 1, ...) for batched or (C, 1, ...) for unbatched channel-first input."""
     if x.dim() not in (spatial_dims + 1, spatial_dims + 2):

@@ -81,6 +81,23 @@ class Dropout(_MaskShapeLayer):
         return DF.dropout(x, self.p, training=self.training, mask_shape=self.mask_shape, generator=self.generator)
 
 
+class ReLUDropout(DropoutLayer):
+    """``ReLU`` then :class:`Dropout` as one layer (:func:`dropkit.functional.relu_dropout`): the same
+    outputs and gradients as the pair, one memory pass each way, and no mask or ReLU output kept
+    for backward beyond the output itself, which the next layer keeps anyway.
+
+    In eval mode it is a ReLU. :func:`dropkit.convert.fuse_relu_dropout` swaps it in for the pairs
+    of an existing model.
+
+    Example:
+        >>> layer = ReLUDropout(0.5)
+        >>> y = layer(torch.randn(32, 128))
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return DF.relu_dropout(x, self.p, training=self.training, generator=self.generator)
+
+
 class _ChannelDropout(DropoutLayer):
     spatial_dims: int
 

@@ -18,6 +18,12 @@ What backward keeps (``saved``):
   and backward reads it instead of running Philox again. Only the mask-based ops have it: Gaussian
   noise is not a bit mask.
 
+ReLU followed by dropout (:func:`relu_dropout`) is one op of its own, one pass forward and one
+backward. Its gradient needs no mask at all: a unit's output is non-zero exactly where the unit was
+kept and its input was positive, so backward reads the op's output, the very tensor the next layer
+keeps for its own weight gradient. Fused, a ``Linear -> ReLU -> Dropout`` block keeps one tensor per
+element where the unfused one keeps two (ReLU's output and dropout's).
+
 Masks shared along dimensions (channel, locked, path variants: ``mask_shape`` with 1s) are small:
 the ``keep_mask`` op draws them (on the kernels too) and ``torch.where`` broadcasts them; autograd
 keeps that small mask, not one per element.
@@ -83,8 +89,22 @@ def _gaussian_noise(seed: torch.Tensor, p: float, shape: list[int], dtype: torch
     return reference.gaussian_multiplier(int(seed), p, tuple(shape), dtype, device=seed.device).to(dtype)
 
 
+@torch.library.custom_op("dropkit::relu_dropout", mutates_args=())
+def _relu_dropout(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """``keep ? relu(x) / (1 - p) : 0`` with the element-wise mask regenerated from ``seed``."""
+    return kernels.masked(x, int(seed), p, "relu_dropout")[0]
+
+
+@torch.library.custom_op("dropkit::relu_dropout_grad", mutates_args=())
+def _relu_dropout_grad(grad: torch.Tensor, out: torch.Tensor, p: float) -> torch.Tensor:
+    """The gradient of :func:`_relu_dropout` from its output: ``out > 0 ? grad / (1 - p) : 0``."""
+    return kernels.relu_dropout_grad(grad, out, p)
+
+
 @_masked.register_fake
 @_masked_from_bits.register_fake
+@_relu_dropout.register_fake
+@_relu_dropout_grad.register_fake
 def _masked_fake(x, *_):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
@@ -145,7 +165,25 @@ def _gaussian_backward(ctx, grad):
     return _gaussian(grad, seed, ctx.p), None, None
 
 
+def _save_output_and_p(ctx, inputs, output) -> None:
+    ctx.p = inputs[2]
+    ctx.save_for_backward(output)
+
+
+def _save_out_and_p(ctx, inputs, output) -> None:
+    _, out, ctx.p = inputs
+    ctx.save_for_backward(out)
+
+
+def _relu_dropout_backward(ctx, grad):
+    (out,) = ctx.saved_tensors
+    return _relu_dropout_grad(grad, out, ctx.p), None, None
+
+
 _masked.register_autograd(_masked_backward, setup_context=_save_seed_and_kind)
+_relu_dropout.register_autograd(_relu_dropout_backward, setup_context=_save_output_and_p)
+# the gradient op is linear in grad with the same mask, so it is its own gradient (double backward)
+_relu_dropout_grad.register_autograd(_relu_dropout_backward, setup_context=_save_out_and_p)
 _masked_save_bits.register_autograd(_from_bits_backward, setup_context=_save_bits)
 _masked_from_bits.register_autograd(_from_bits_backward, setup_context=_save_given_bits)
 _gaussian.register_autograd(_gaussian_backward, setup_context=_save_seed)
@@ -182,6 +220,37 @@ class _EagerMasked(torch.autograd.Function):
         return grad_x, None, None, None, None, None
 
 
+class _EagerReluDropout(torch.autograd.Function):
+    """``dropkit::relu_dropout`` outside ``torch.compile`` (see :class:`_EagerMasked` for why)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+        out = kernels.masked(x, seed, p, "relu_dropout")[0]
+        ctx.p = p
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (out,) = ctx.saved_tensors
+        return _EagerReluDropoutGrad.apply(grad, out, ctx.p), None, None
+
+
+class _EagerReluDropoutGrad(torch.autograd.Function):
+    """``dropkit::relu_dropout_grad`` outside ``torch.compile``; its own gradient in ``grad``."""
+
+    @staticmethod
+    def forward(ctx, grad: torch.Tensor, out: torch.Tensor, p: float) -> torch.Tensor:
+        ctx.p = p
+        ctx.save_for_backward(out)
+        return kernels.relu_dropout_grad(grad, out, p)
+
+    @staticmethod
+    def backward(ctx, grad_grad: torch.Tensor):
+        (out,) = ctx.saved_tensors
+        return _EagerReluDropoutGrad.apply(grad_grad, out, ctx.p), None, None
+
+
 def _eager_kernel(x: torch.Tensor) -> bool:
     """Whether ``x`` takes the eager path: on the compiled CPU kernels, and not being traced."""
     return kernels.compiled(x) and not torch.compiler.is_compiling()
@@ -210,6 +279,14 @@ def dropout(
     """Inverted dropout of ``x`` with a keep mask of ``mask_shape`` (0 < p < 1): kept units become
     ``x / (1 - p)``, dropped ones 0 (Srivastava et al. 2014)."""
     return _mask_op("dropout", x, p, seed, mask_shape, saved)
+
+
+def relu_dropout(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """``dropout(relu(x))`` in one pass with an element-wise mask (0 < p < 1); the same mask and
+    values as :func:`dropout` of ``relu(x)`` with this seed. Backward keeps only the output."""
+    if _eager_kernel(x):
+        return _EagerReluDropout.apply(x, int(seed), p)
+    return _relu_dropout(x, seed, p)
 
 
 def alpha_dropout(

@@ -50,6 +50,7 @@ from tqdm import tqdm
 import dropkit
 from dropkit import distributed, rng
 from dropkit.concrete import concrete_rates, concrete_regularisation, regularizer_weights, to_concrete
+from dropkit.convert import fuse_relu_dropout
 from dropkit.data import BatchIterator, Split, load_dataset, normalise, split_validation
 from dropkit.models import build_model, main_rate, output_layer
 from dropkit.schedule import CurriculumRamp, EarlyDropout, LateDropout, OverfitController, ScheduleCallback
@@ -426,6 +427,8 @@ def train(
     if config.rate == "concrete":
         to_concrete(model, **dict(zip(("weight_regularizer", "dropout_regularizer"),
                                       regularizer_weights(len(train_split)))))
+    else:
+        fuse_relu_dropout(model)  # the same numbers, one memory pass less each way
     optimizer = _make_optimizer(config, model)
     scheduler = _make_scheduler(config, optimizer)
     callback = _rate_callback(config, rate)

@@ -23,7 +23,7 @@ import torch
 from dropkit import rng
 from dropkit.kernels import cpu, reference
 
-__all__ = ["compiled", "gaussian", "keep_mask", "masked", "masked_from_bits", "reference"]
+__all__ = ["compiled", "gaussian", "keep_mask", "masked", "masked_from_bits", "reference", "relu_dropout_grad"]
 
 #: elements per thread below which a kernel runs on fewer threads (see run_parallel)
 MIN_ELEMENTS_PER_THREAD = 2**18
@@ -31,7 +31,7 @@ MIN_ELEMENTS_PER_THREAD = 2**18
 _GAUSSIAN_COST = 32
 _NATIVE = (torch.float32, torch.float64, torch.bfloat16)
 _NO_BITS = np.empty(0, dtype=np.uint8)
-_KIND_CODES = {"dropout": cpu.DROPOUT, "alpha": cpu.ALPHA, "alpha_grad": cpu.ALPHA_GRAD}
+_KIND_CODES = {"dropout": cpu.DROPOUT, "alpha": cpu.ALPHA, "alpha_grad": cpu.ALPHA_GRAD, "relu_dropout": cpu.RELU_DROPOUT}
 
 
 def compiled(x: torch.Tensor) -> bool:
@@ -74,6 +74,19 @@ def masked_from_bits(x: torch.Tensor, bits: torch.Tensor, p: float, kind: str) -
     a, b, c = _constants(kind, p, x.dtype)
     run_parallel(x.numel(), cpu.masked_bits, _array(x), _array(out), bits.contiguous().numpy(), _KIND_CODES[kind], a, b, c)
     return out
+
+
+def relu_dropout_grad(grad: torch.Tensor, out: torch.Tensor, p: float) -> torch.Tensor:
+    """Gradient of the ``relu_dropout`` masked op from its output ``out`` (see :mod:`.reference`)."""
+    grad, out = grad.contiguous(), out.contiguous()
+    if not compiled(grad):
+        return reference.relu_dropout_grad(grad, out, p)
+    if grad.dtype == torch.float16:
+        return relu_dropout_grad(grad.float(), out.float(), p).half()
+    grad_in = torch.empty_like(grad)
+    a, _, c = _constants("relu_dropout", p, grad.dtype)
+    run_parallel(grad.numel(), cpu.relu_dropout_grad, _array(grad), _array(out), _array(grad_in), a, c)
+    return grad_in
 
 
 def gaussian(x: torch.Tensor, seed: int, p: float, offset: int = 0) -> torch.Tensor:

@@ -69,7 +69,7 @@ _ensure_writable_cache()
 BLOCK = 2048
 _COUNTERS_PER_BLOCK = BLOCK // rng.U16_PER_COUNTER
 #: kernel codes of the masked ops (reference.KINDS)
-DROPOUT, ALPHA, ALPHA_GRAD = 0, 1, 2
+DROPOUT, ALPHA, ALPHA_GRAD, RELU_DROPOUT = 0, 1, 2, 3
 
 _U32 = np.uint64(0xFFFFFFFF)
 _S16 = np.uint64(16)
@@ -178,6 +178,11 @@ def _select(kind, x, out, draws, thr, a, b, c):
         for i in range(x.size):
             v = _load(x, i) / a
             _store(out, i, v if np.int32(draws[i]) >= thr else c)
+    elif kind == RELU_DROPOUT:
+        for i in range(x.size):
+            v = _load(x, i)
+            v = c if v < c else v / a  # ReLU first, as torch.relu: -0.0 and NaN pass through
+            _store(out, i, v if np.int32(draws[i]) >= thr else c)
     elif kind == ALPHA:
         for i in range(x.size):
             v = _load(x, i) * a + b
@@ -218,6 +223,20 @@ def masked_bits(x, out, bits, kind, a, b, c):
         m = min(BLOCK, n - start)
         _unpack(bits[start // 8: start // 8 + (m + 7) // 8], flags, m)
         _select(kind, x[start:start + m], out[start:start + m], flags, 1, a, b, c)
+
+
+@njit(parallel=True, cache=True)
+def relu_dropout_grad(grad, out, grad_in, a, c):
+    """Backward of ReLU+dropout from its output alone: ``grad / a`` where ``out > 0``, else ``c`` (0)."""
+    n = grad.size
+    for blk in prange((n + BLOCK - 1) // BLOCK):
+        start = blk * BLOCK
+        m = min(BLOCK, n - start)
+        g = grad[start:start + m]
+        o = out[start:start + m]
+        r = grad_in[start:start + m]
+        for i in range(m):
+            _store(r, i, c if _load(o, i) <= c else _load(g, i) / a)
 
 
 @njit(parallel=True, cache=True)

@@ -12,19 +12,26 @@ float16, the dtype itself otherwise) and rounded once to the dtype; a Python con
 computation cast to the opmath type, as torch casts a scalar operand. The masked ops are
 ``out = keep ? f(x) : c`` with
 
-=============  ================  ====================  =================================
-kind           f(x)              c (dropped units)     used for
-=============  ================  ====================  =================================
-``dropout``    ``x / (1 - p)``   0                     dropout (Srivastava et al. 2014)
-                                                       forward and its gradient
-``alpha``      ``x * a + b``     ``sat * a + b``       alpha dropout forward
-``alpha_grad`` ``x * a``         0                     alpha dropout gradient
-=============  ================  ====================  =================================
+================  =======================  ===================  ===============================
+kind              f(x)                     c (dropped units)    used for
+================  =======================  ===================  ===============================
+``dropout``       ``x / (1 - p)``          0                    dropout (Srivastava et al.
+                                                                2014) forward and its gradient
+``alpha``         ``x * a + b``            ``sat * a + b``      alpha dropout forward
+``alpha_grad``    ``x * a``                0                    alpha dropout gradient
+``relu_dropout``  ``relu(x) / (1 - p)``    0                    ReLU then dropout, in one pass
+================  =======================  ===================  ===============================
 
 with ``sat`` SELU's negative saturation value and ``(a, b)`` from :func:`alpha_affine`. Gaussian
 dropout multiplies by ``1 + sigma * z`` (``sigma = sqrt(p / (1 - p))``, z from the ``normal``
 stream in float64), rounded to the opmath type; its gradient is the same product applied to the
 incoming gradient.
+
+The gradient of ``relu_dropout`` needs no mask: an output is non-zero exactly where the unit was
+kept and its input was positive, so it is ``out > 0 ? grad / (1 - p) : 0``
+(:func:`relu_dropout_grad`), computed from the output that the next layer keeps anyway. ``relu``
+here is ``torch.relu`` (-0.0 and NaN pass through); the gradient is cut where ``out <= 0``, as
+``torch.relu``'s backward cuts it, and passes where ``out`` is NaN.
 
 Packed masks (``saved="bits"``): byte k holds the keep flags of elements 8k..8k+7, element 8k+t in
 bit t (1 = kept), so one byte is one Philox call of the ``u16`` stream; the unused bits of the last
@@ -44,7 +51,7 @@ from dropkit import rng
 SELU_SATURATION = -1.7580993408473766
 
 #: the masked ops, ``out = keep ? f(x) : c`` (see the module docstring)
-KINDS = ("dropout", "alpha", "alpha_grad")
+KINDS = ("dropout", "alpha", "alpha_grad", "relu_dropout")
 
 _BIT_WEIGHTS = torch.tensor([1 << t for t in range(8)], dtype=torch.uint8)
 
@@ -61,9 +68,10 @@ def alpha_affine(p: float) -> tuple[float, float]:
 
 
 def kind_constants(kind: str, p: float, dtype: torch.dtype) -> tuple[float, float, float]:
-    """``(a, b, c)`` of a masked op: f(x) is ``x / a`` (dropout), ``x * a + b`` (alpha) or ``x * a``
-    (alpha_grad); ``c`` is the dropped units' value, exact in the opmath type of ``dtype``."""
-    if kind == "dropout":
+    """``(a, b, c)`` of a masked op: f(x) is ``x / a`` (dropout), ``relu(x) / a`` (relu_dropout),
+    ``x * a + b`` (alpha) or ``x * a`` (alpha_grad); ``c`` is the dropped units' value, exact in the
+    opmath type of ``dtype``."""
+    if kind in ("dropout", "relu_dropout"):
         return 1.0 - p, 0.0, 0.0
     a, b = alpha_affine(p)
     if kind == "alpha_grad":
@@ -88,11 +96,19 @@ def masked(x: torch.Tensor, keep: torch.Tensor, kind: str, p: float) -> torch.Te
     xo = x.to(opmath_dtype(x.dtype))
     if kind == "dropout":
         kept = xo / a
+    elif kind == "relu_dropout":
+        kept = torch.relu(xo) / a
     elif kind == "alpha":
         kept = xo * a + b
     else:
         kept = xo * a
     return torch.where(keep, kept, c).to(x.dtype)
+
+
+def relu_dropout_grad(grad: torch.Tensor, out: torch.Tensor, p: float) -> torch.Tensor:
+    """Gradient of ``relu_dropout`` from its output: ``grad / (1 - p)`` where ``out`` is not <= 0, else 0."""
+    a, _, c = kind_constants("relu_dropout", p, grad.dtype)
+    return torch.where(out <= 0, c, grad.to(opmath_dtype(grad.dtype)) / a).to(grad.dtype)
 
 
 def masked_from_seed(x: torch.Tensor, seed: int, p: float, kind: str, offset: int = 0) -> torch.Tensor:
