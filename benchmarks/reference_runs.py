@@ -34,8 +34,8 @@ RUNS: dict[str, tuple[TrainConfig, str]] = {
         ">= 90.5 % (anchor 90.0 %, MLP 256-128-64)"),
     "fashion_mlp_light": (
         TrainConfig(model="srivastava_mlp", dataset="fashion-mnist", p=0.3, model_kwargs={"p_input": 0.1},
-                    optimizer="nesterov", lr=0.05, momentum=0.9, max_norm=3.0, schedule="cosine", epochs=30),
-        ">= 90.5 % (fashion_mlp with lighter dropout: input 0.1, hidden 0.3)"),
+                    optimizer="nesterov", lr=0.05, momentum=0.9, max_norm=3.0, schedule="cosine", epochs=60),
+        ">= 90.5 % (fashion_mlp with lighter dropout, input 0.1 and hidden 0.3, for 60 epochs)"),
     "fashion_cnn": (
         TrainConfig(model="cnn", dataset="fashion-mnist", optimizer="adam", lr=1e-3, schedule="cosine", epochs=15),
         ">= 93.0 % (anchor 92.6 %, 3 conv + 2 FC + dropout)"),

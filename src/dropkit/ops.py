@@ -233,7 +233,9 @@ class _EagerReluDropout(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (out,) = ctx.saved_tensors
-        return _EagerReluDropoutGrad.apply(grad, out, ctx.p), None, None
+        if torch.is_grad_enabled():  # create_graph: the gradient must itself be differentiable
+            return _EagerReluDropoutGrad.apply(grad, out, ctx.p), None, None
+        return kernels.relu_dropout_grad(grad, out, ctx.p), None, None
 
 
 class _EagerReluDropoutGrad(torch.autograd.Function):
