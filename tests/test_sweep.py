@@ -298,8 +298,6 @@ def test_a_trial_of_another_machine_is_dead_when_its_heartbeat_is_stale():
     (["--lr-range", "1e-3", "1e-2"], "--lr-range"),
     (["--search-lr", "--lr-range", "1e-2", "1e-3"], "--lr-range"),
     (["--search-weight-decay", "--weight-decay-range", "0", "1e-3"], "--weight-decay-range"),
-    (["--schedule", "cosine"], "--pruner"),
-    (["--pruner", "promote", "--schedule", "cosine"], "--pruner"),
     (["--model-arg", "p=0.5"], "--model-arg"),
     (["--model-arg", "q=1"], "--model-arg"),
     (["--pruner", "asha"], "--pruner"),
@@ -489,10 +487,12 @@ def test_a_configuration_created_past_the_budget_is_surplus_and_never_trained(tm
     assert ours.number == 2 and ours.state == TrialState.FAIL and ours.user_attrs["surplus"] and not ours.params
 
 
-def test_promote_refuses_schedules_that_depend_on_the_run_length_and_studies_of_other_pruners(tmp_path):
-    base = TrainConfig(model="tutorial_mlp", epochs=9, val_size=100, drop_schedule="early", drop_cutoff=3)
-    with pytest.raises(ValueError, match="--pruner promote trains a trial from rung to rung.*drop schedule"):
-        SweepConfig(base=base, out_dir=tmp_path, pruner="promote").validate()
+def test_every_job_plans_the_full_trial_so_schedules_span_it_and_other_pruners_studies_are_refused(tmp_path):
+    base = TrainConfig(model="tutorial_mlp", epochs=9, val_size=100, schedule="cosine", drop_schedule="curriculum")
+    SweepConfig(base=base, out_dir=tmp_path, pruner="promote").validate()  # cosine and ramps are fine now
+    for epochs in (1, 3, None):
+        job = trial_config(base, {"p": 0.3}, epochs)
+        assert job.planned_epochs == 9 and job.span == 9 and job.epochs == (epochs or 9)
     run_sweep(fake_cfg(tmp_path, trials=1, pruner="halving"), fake_train, log=lambda line: None)
     with pytest.raises(ValueError, match="--pruner: halving, median or none -> promote"):
         run_sweep(fake_cfg(tmp_path, trials=1, pruner="promote"), fake_train, log=lambda line: None)

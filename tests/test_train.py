@@ -133,6 +133,18 @@ def test_resume_after_a_kill_ends_where_the_uninterrupted_run_ends(tmp_path, mon
     assert figures(resumed.history) == figures(straight.history)
 
 
+def test_a_planned_run_stopped_early_resumes_to_the_full_runs_figures(tmp_path):
+    """With planned_epochs the cosine lr and the curriculum ramp span the planned run, so its
+    first epochs, resumed, give exactly the uninterrupted run (what a sweep's rungs rely on)."""
+    settings = dict(SMALL, epochs=3, limit_train=600, schedule="cosine", drop_schedule="curriculum")
+    whole = train(TrainConfig(**settings), quiet=True)
+    train(TrainConfig(**{**settings, "epochs": 1}, planned_epochs=3), tmp_path, quiet=True)
+    resumed = train(TrainConfig(**settings, planned_epochs=3), tmp_path, resume=True, quiet=True)
+    assert figures(resumed.history) == figures(whole.history)
+    with pytest.raises(ValueError, match=r"planned_epochs must be >= epochs \(3\), got 2"):
+        TrainConfig(**settings, planned_epochs=2).validate()
+
+
 def test_resume_without_a_checkpoint_starts_afresh(tmp_path):
     resumed = train(TrainConfig(**SMALL), tmp_path, resume=True, quiet=True)
     assert figures(resumed.history) == figures(train(TrainConfig(**SMALL), quiet=True).history)

@@ -230,21 +230,9 @@ class SweepConfig:
             raise ValueError(f"--stale-after must be a number of seconds > 0, got {self.stale_after}")
         if not self.study_name:
             raise ValueError("--study must be a non-empty name")
-        if self.pruner != "none" and not _grows_by_epoch(self.base):
-            steps = "from rung to rung" if self.pruner == "promote" else "one epoch at a time"
-            raise ValueError(
-                f"--pruner {self.pruner} trains a trial {steps}, which would change "
-                f"{'the cosine lr schedule' if self.base.schedule == 'cosine' else 'the drop schedule'} "
-                f"(both depend on the run's length): use --pruner none or a schedule that does not"
-            )
         if not search_space(self):
             raise ValueError(f"nothing to search: every dropout rate of {self.base.model!r} is fixed by --model-arg "
                              f"and neither --search-lr nor --search-weight-decay is given")
-
-
-def _grows_by_epoch(config: TrainConfig) -> bool:
-    """Whether a run may be extended one epoch at a time without changing what it computes."""
-    return config.schedule != "cosine" and config.drop_schedule == "constant"
 
 
 def rate_arguments(config: TrainConfig) -> list[str]:
@@ -266,13 +254,19 @@ def search_space(cfg: SweepConfig) -> dict[str, tuple[str, float, float]]:
 
 
 def trial_config(base: TrainConfig, params: dict[str, float], epochs: int | None = None) -> TrainConfig:
-    """``base`` with a trial's values: the main rate goes to ``p``, other rates to ``model_kwargs``."""
+    """``base`` with a trial's values: the main rate goes to ``p``, other rates to ``model_kwargs``.
+
+    ``epochs`` stops the run early (a rung). Every job of a trial plans ``base.epochs``
+    (``planned_epochs``), so the learning-rate and dropout schedules span the full trial whatever
+    rung a job stops at, and a job resumes the previous one's checkpoint exactly.
+    """
     main = MODELS[base.model][1]
     changes: dict[str, Any] = {k: params[k] for k in ("lr", "weight_decay") if k in params}
     rates = {k: v for k, v in params.items() if k not in changes}
     if main in rates:
         changes["p"] = rates.pop(main)
     changes["model_kwargs"] = {**base.model_kwargs, **rates}
+    changes["planned_epochs"] = base.epochs
     if epochs is not None:
         changes["epochs"] = epochs
     return dataclasses.replace(base, **changes)

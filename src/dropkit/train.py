@@ -106,6 +106,9 @@ class TrainConfig:
     weight vector (one row per unit) is rescaled to norm <= ``max_norm`` (Srivastava et al. 2014, JMLR, sec. 5.1:
     with dropout it allows large learning rates without weights blowing up; they used c of 3-4).
     ``limit_train``/``limit_test`` keep the first N examples, for quick runs and tests.
+    ``planned_epochs`` is the length the learning-rate schedule and the dropout-rate schedules span
+    (None: ``epochs``). A run with fewer ``epochs`` is the start of the planned run, figure for
+    figure, and can be resumed to more: this is how a sweep trains a trial rung by rung.
     """
 
     model: str = "tutorial_mlp"
@@ -130,6 +133,12 @@ class TrainConfig:
     rate: str = "fixed"
     drop_schedule: str = "constant"
     drop_cutoff: int = 0
+    planned_epochs: int | None = None
+
+    @property
+    def span(self) -> int:
+        """The epochs the schedules span: ``planned_epochs``, or ``epochs`` when it is unset."""
+        return self.epochs if self.planned_epochs is None else self.planned_epochs
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting outside its allowed range."""
@@ -163,8 +172,10 @@ class TrainConfig:
         _check_choice("drop_schedule", self.drop_schedule, DROP_SCHEDULES)
         if self.rate != "fixed" and self.drop_schedule != "constant":
             raise ValueError(f"drop_schedule {self.drop_schedule!r} applies to a fixed rate, not rate={self.rate!r}")
-        if self.drop_schedule in ("early", "late") and not 1 <= self.drop_cutoff < self.epochs:
-            raise ValueError(f"drop_cutoff must be in [1, epochs={self.epochs}) for {self.drop_schedule} dropout, "
+        if self.planned_epochs is not None and self.planned_epochs < self.epochs:
+            raise ValueError(f"planned_epochs must be >= epochs ({self.epochs}), got {self.planned_epochs}")
+        if self.drop_schedule in ("early", "late") and not 1 <= self.drop_cutoff < self.span:
+            raise ValueError(f"drop_cutoff must be in [1, epochs={self.span}) for {self.drop_schedule} dropout, "
                              f"got {self.drop_cutoff}")
         if self.rate == "auto" and self.val_size == 0:
             raise ValueError("rate 'auto' steers p from the validation loss: val_size must be > 0")
@@ -269,9 +280,9 @@ def _make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
 def _make_scheduler(
     config: TrainConfig, optimizer: torch.optim.Optimizer
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """A per-epoch schedule: cosine from lr to 0 over ``epochs``, or x``step_gamma`` every ``step_epochs``."""
+    """A per-epoch schedule: cosine from lr to 0 over ``config.span``, or x``step_gamma`` every ``step_epochs``."""
     if config.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.span)
     if config.schedule == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_epochs, gamma=config.step_gamma)
     return None
@@ -387,7 +398,7 @@ def _write_text(path: Path, text: str) -> None:
 
 def _check_resumable(saved: dict[str, Any], done: int, config: TrainConfig) -> None:
     """A checkpoint may only be continued with the config it was made with (``epochs`` may grow
-    when the learning-rate schedule does not depend on it)."""
+    when no schedule spans it: with ``planned_epochs`` set, or without cosine and curriculum)."""
     new = config.to_dict()
     differ = sorted(k for k in new if k != "epochs" and new[k] != saved.get(k))
     if differ:
@@ -395,8 +406,12 @@ def _check_resumable(saved: dict[str, Any], done: int, config: TrainConfig) -> N
         raise ValueError(f"cannot resume: the checkpoint was made with other settings ({detail})")
     if done > config.epochs:
         raise ValueError(f"cannot resume: the checkpoint already holds {done} epochs, more than epochs={config.epochs}")
-    if config.schedule == "cosine" and saved["epochs"] != config.epochs:
-        raise ValueError(f"cannot resume: epochs {saved['epochs']} -> {config.epochs} would change the cosine schedule")
+    saved_span = saved["epochs"] if saved.get("planned_epochs") is None else saved["planned_epochs"]
+    spanned = "the cosine schedule" if config.schedule == "cosine" else (
+        "the curriculum ramp" if config.drop_schedule == "curriculum" else None)
+    if spanned and saved_span != config.span:
+        raise ValueError(f"cannot resume: epochs {saved['epochs']} -> {config.epochs} would change {spanned} "
+                         f"(set planned_epochs to train the start of a longer run)")
 
 
 def train(
@@ -449,7 +464,7 @@ def train(
     hooks = _StepHooks(model, callback, (lambda: concrete_regularisation(model)) if config.rate == "concrete" else None,
                        hidden_linears(model) if config.max_norm is not None else [], config.max_norm)
     if callback is not None:
-        callback.on_train_begin(model, config.epochs * len(batches), config.epochs)
+        callback.on_train_begin(model, config.span * len(batches), config.span)
     for epoch in range(len(history) + 1, config.epochs + 1):
         torch.manual_seed(rng.derive_seed(config.seed, MASK_STREAM, rank, epoch))
         hooks.epoch, hooks.first_step = epoch - 1, (epoch - 1) * len(batches)
