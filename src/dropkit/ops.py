@@ -135,9 +135,10 @@ def _save_seed_and_kind(ctx, inputs, output) -> None:
     ctx.save_for_backward(seed)
 
 
-def _save_seed(ctx, inputs, output) -> None:
-    _, seed, ctx.p = inputs
-    ctx.save_for_backward(seed)
+def _save_second_input_and_p(ctx, inputs, output) -> None:
+    """For ops called as ``(tensor, kept, p)``: keep ``kept`` (a seed, or relu_dropout's output) and ``p``."""
+    _, kept, ctx.p = inputs
+    ctx.save_for_backward(kept)
 
 
 def _masked_backward(ctx, grad):
@@ -170,11 +171,6 @@ def _save_output_and_p(ctx, inputs, output) -> None:
     ctx.save_for_backward(output)
 
 
-def _save_out_and_p(ctx, inputs, output) -> None:
-    _, out, ctx.p = inputs
-    ctx.save_for_backward(out)
-
-
 def _relu_dropout_backward(ctx, grad):
     (out,) = ctx.saved_tensors
     return _relu_dropout_grad(grad, out, ctx.p), None, None
@@ -183,10 +179,10 @@ def _relu_dropout_backward(ctx, grad):
 _masked.register_autograd(_masked_backward, setup_context=_save_seed_and_kind)
 _relu_dropout.register_autograd(_relu_dropout_backward, setup_context=_save_output_and_p)
 # the gradient op is linear in grad with the same mask, so it is its own gradient (double backward)
-_relu_dropout_grad.register_autograd(_relu_dropout_backward, setup_context=_save_out_and_p)
+_relu_dropout_grad.register_autograd(_relu_dropout_backward, setup_context=_save_second_input_and_p)
 _masked_save_bits.register_autograd(_from_bits_backward, setup_context=_save_bits)
 _masked_from_bits.register_autograd(_from_bits_backward, setup_context=_save_given_bits)
-_gaussian.register_autograd(_gaussian_backward, setup_context=_save_seed)
+_gaussian.register_autograd(_gaussian_backward, setup_context=_save_second_input_and_p)
 
 
 # --- eager mode -----------------------------------------------------------------------------------

@@ -406,10 +406,10 @@ def _check_resumable(saved: dict[str, Any], done: int, config: TrainConfig) -> N
         raise ValueError(f"cannot resume: the checkpoint was made with other settings ({detail})")
     if done > config.epochs:
         raise ValueError(f"cannot resume: the checkpoint already holds {done} epochs, more than epochs={config.epochs}")
-    saved_span = saved["epochs"] if saved.get("planned_epochs") is None else saved["planned_epochs"]
+    # planned_epochs matched above, so only a run without it has its schedules span ``epochs``
     spanned = "the cosine schedule" if config.schedule == "cosine" else (
         "the curriculum ramp" if config.drop_schedule == "curriculum" else None)
-    if spanned and saved_span != config.span:
+    if spanned and config.planned_epochs is None and saved["epochs"] != config.epochs:
         raise ValueError(f"cannot resume: epochs {saved['epochs']} -> {config.epochs} would change {spanned} "
                          f"(set planned_epochs to train the start of a longer run)")
 
