@@ -28,6 +28,14 @@ RUNS: dict[str, tuple[TrainConfig, str]] = {
         TrainConfig(model="srivastava_mlp", p=0.0, model_kwargs={"p_input": 0.0}, optimizer="nesterov", lr=0.05,
                     momentum=0.9, schedule="cosine", epochs=150),
         ">= 0.25 points worse than dropout + max-norm at equal epochs"),
+    "srivastava_dropout_maxnorm_300": (
+        TrainConfig(model="srivastava_mlp", optimizer="nesterov", lr=0.05, momentum=0.9, max_norm=3.0,
+                    schedule="cosine", epochs=300),
+        "<= 1.06 % error in <= 90 min: the same recipe with the cosine schedule stretched to 300 epochs"),
+    "srivastava_no_dropout_300": (
+        TrainConfig(model="srivastava_mlp", p=0.0, model_kwargs={"p_input": 0.0}, optimizer="nesterov", lr=0.05,
+                    momentum=0.9, schedule="cosine", epochs=300),
+        ">= 0.25 points worse than srivastava_dropout_maxnorm_300"),
     "srivastava_dropout_maxnorm_60k": (
         TrainConfig(model="srivastava_mlp", optimizer="nesterov", lr=0.05, momentum=0.9, max_norm=3.0,
                     schedule="cosine", epochs=150, val_size=0),

@@ -26,7 +26,8 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from dropkit import distributed
-from dropkit.cli import main
+from dropkit.cli import build_parser, main
+from dropkit.commands.sweep import sweep_config
 from dropkit.sweep import (
     STORAGE_FILE,
     WAIT,
@@ -38,6 +39,7 @@ from dropkit.sweep import (
     rate_arguments,
     rungs,
     run_sweep,
+    search_space,
     summarise,
     trial_config,
 )
@@ -103,10 +105,12 @@ def fake_train(config: TrainConfig, out_dir, *, resume: bool = False, quiet: boo
     return _Result(rows)
 
 
-def fake_cfg(out, *, trials: int = 4, epochs: int = 3, pruner: str = "none", **kwargs) -> SweepConfig:
-    """A sweep of tutorial_mlp's single rate p over the fake training function."""
+def fake_cfg(out, *, trials: int = 4, epochs: int = 3, pruner: str = "none", p_step: float | None = None,
+             **kwargs) -> SweepConfig:
+    """A sweep of tutorial_mlp's single rate p over the fake training function (continuous unless
+    ``p_step`` is given, so that enqueued rates off the default lattice stay as they are)."""
     base = TrainConfig(model="tutorial_mlp", epochs=epochs, val_size=100)
-    return SweepConfig(base=base, out_dir=Path(out), trials=trials, pruner=pruner, **kwargs)
+    return SweepConfig(base=base, out_dir=Path(out), trials=trials, pruner=pruner, p_step=p_step, **kwargs)
 
 
 def _load(out: Path, name: str = "sweep") -> optuna.Study:
@@ -129,6 +133,25 @@ def test_rates_are_every_free_p_argument_and_the_main_one_goes_to_p():
     config = trial_config(TrainConfig(model="srivastava_mlp", model_kwargs={"width": 64}),
                           {"p_input": 0.1, "p_hidden": 0.4, "lr": 0.01}, epochs=2)
     assert (config.p, config.model_kwargs, config.lr, config.epochs) == (0.4, {"width": 64, "p_input": 0.1}, 0.01, 2)
+
+
+def test_rates_are_searched_on_the_lattice_of_p_step_by_default(tmp_path):
+    cfg = fake_cfg(tmp_path, trials=12, p_step=0.15)
+    assert search_space(cfg) == {"p": ("uniform", 0.0, 0.75, 0.15)}  # 0.8 rounds down to the last point
+    run_sweep(cfg, train_fn=fake_train, log=lambda _line: None)
+    rates = [t.params["p"] for t in _finished(_load(tmp_path))]
+    assert len(rates) == 12
+    assert all(min(abs(p - k * 0.15) for k in range(6)) < 1e-9 for p in rates), rates
+    assert SweepConfig(base=TrainConfig(), out_dir=tmp_path).p_step == 0.05
+
+
+def test_p_step_0_searches_continuously(tmp_path):
+    def cfg_of(*flags: str) -> SweepConfig:
+        return sweep_config(build_parser().parse_args(["sweep", "--model", "tutorial_mlp", "--out", str(tmp_path),
+                                                       *flags]))
+
+    assert search_space(cfg_of("--p-step", "0")) == {"p": ("uniform", 0.0, 0.8, None)}
+    assert search_space(cfg_of()) == {"p": ("uniform", 0.0, 0.8, 0.05)}
 
 
 def test_two_workers_finish_exactly_n_trials(tmp_path):
@@ -292,6 +315,9 @@ def test_a_trial_of_another_machine_is_dead_when_its_heartbeat_is_stale():
 @pytest.mark.parametrize(("args", "flag"), [
     (["--p-range", "0.5", "0.2"], "--p-range"),
     (["--p-range", "0", "1"], "--p-range"),
+    (["--p-step", "0.9"], "--p-step"),
+    (["--p-range", "0.2", "0.3", "--p-step", "0.2"], "--p-step"),
+    (["--p-step", "-0.1"], "--p-step"),
     (["--trials", "0"], "--trials"),
     (["--workers", "0"], "--workers"),
     (["--val-size", "0"], "--val-size"),

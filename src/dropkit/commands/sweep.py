@@ -40,6 +40,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         metavar=("LOW", "HIGH"),
                         help="range of every searched dropout rate, 0 <= LOW < HIGH < 1 (default 0 0.8); "
                              "a rate given with --model-arg stays fixed")
+    search.add_argument("--p-step", type=float_in(0, 1, high_open=True), default=0.05,
+                        help="search the dropout rates on a lattice of this step, from LOW up to HIGH "
+                             "(default %(default)s); 0 searches them continuously")
     search.add_argument("--search-lr", action="store_true", help="also search the learning rate (log-uniform)")
     search.add_argument("--lr-range", type=float_in(0, math.inf, low_open=True, high_open=True), nargs=2,
                         metavar=("LOW", "HIGH"),
@@ -89,6 +92,7 @@ def sweep_config(args: argparse.Namespace) -> SweepConfig:
     cfg = SweepConfig(
         base=config_from_args(args), out_dir=args.out, trials=args.trials, workers=args.workers, pruner=args.pruner,
         storage=args.storage, study_name=args.study, p_range=tuple(args.p_range),
+        p_step=args.p_step or None,
         lr_range=_range(args, "lr", DEFAULT_LR_RANGE),
         weight_decay_range=_range(args, "weight_decay", DEFAULT_WEIGHT_DECAY_RANGE),
         stale_after=args.stale_after,
