@@ -3,7 +3,10 @@
 The MLP 784-1024-1024-10 with dropout p=0.5 after each hidden ReLU is trained with SGD + Nesterov
 momentum (lr 0.05, momentum 0.9), batch 128, for 8 epochs, as standard dropout (``nn.Dropout``)
 and as :class:`dropkit.structured.StructuredLinearStack` with each ``--groups`` value, all from
-the same initial weights and on the same batches.
+the same initial weights and on the same batches. ``--schedule cosine`` anneals the learning rate
+to 0 over the run, step by step: the final figures then no longer swing with the last few batches
+(at a constant rate the test accuracy of one run moves by about 0.5 points from one evaluation to
+the next on Fashion-MNIST), so that a difference of 0.2 points between variants can be read.
 
 The variants train in lockstep: one step of each in turn, each step timed on its own. On a shared
 machine a burst of load from other processes then slows every variant alike, and the comparison
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import statistics
 import sys
@@ -60,9 +64,16 @@ def train_lockstep(models: dict[str, nn.Module], data, args: argparse.Namespace,
     clock = dict.fromkeys(models, 0.0)
     curve: dict[str, list] = {name: [] for name in models}
     batches = BatchIterator(train, args.batch, generator=torch.Generator().manual_seed(seed))
+    total_steps = args.epochs * len(batches)
+    lr_at = (lambda done: 0.5 * (1 + math.cos(math.pi * done / total_steps))) if args.schedule == "cosine" \
+        else (lambda done: 1.0)
+    done = 0
     steps_per_eval = max(1, len(batches) // args.evals_per_epoch)
     for epoch in range(args.epochs):
         for step, (x, y) in enumerate(batches, 1):
+            for opt in opts.values():
+                opt.param_groups[0]["lr"] = args.lr * lr_at(done)
+            done += 1
             for name, model in models.items():
                 start = time.perf_counter()
                 opts[name].zero_grad(set_to_none=True)
@@ -120,6 +131,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                        help="learning rate: constant, or cosine-annealed to 0 over the run, per step")
     parser.add_argument("--evals-per-epoch", type=int, default=4)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", help="also write the JSON here")

@@ -70,13 +70,15 @@ def test_outputs_and_gradients_equal_dense_model_with_same_masks(block_size, p, 
         torch.testing.assert_close(a, b, **TOL)
 
 
-def test_weight_gradients_equal_dense_and_rows_no_group_kept_are_zero():
+@pytest.mark.parametrize("weight_grad", S.WEIGHT_GRADS)
+@pytest.mark.parametrize("p_input", [0.0, 0.3])
+def test_weight_gradients_equal_dense_and_rows_no_group_kept_are_zero(weight_grad, p_input):
     torch.manual_seed(1)
-    net = S.StructuredLinearStack([10, 32, 32, 3], 0.75, groups=2).double()
+    net = S.StructuredLinearStack([10, 32, 32, 3], 0.75, p_input=p_input, groups=2).double()
     x = torch.randn(8, 10, dtype=torch.float64, requires_grad=True)
     upstream = torch.randn(8, 3, dtype=torch.float64)
     kept = net.sample(2)
-    (S.structured_linear_stack(x, net.layers, kept, net.activation, 2) * upstream).sum().backward()
+    (S.structured_linear_stack(x, net.layers, kept, net.activation, 2, weight_grad) * upstream).sum().backward()
     got = grads(net, x)
     net.zero_grad()
     x.grad = None
@@ -87,6 +89,17 @@ def test_weight_gradients_equal_dense_and_rows_no_group_kept_are_zero():
     assert never_kept.any()
     assert torch.equal(got[0][never_kept], torch.zeros_like(got[0][never_kept]))  # layer 0 weight rows
     assert torch.equal(got[2][:, never_kept], torch.zeros_like(got[2][:, never_kept]))  # layer 1 weight cols
+
+
+def test_dense_weight_gradient_is_chosen_only_for_small_groups():
+    # p = 0.5 on a 1024 x 1024 layer: the dense product pays below 42.7 examples per group
+    assert S.dense_weight_grad_pays(256, 8, 512, 512, 1024, 1024)  # 32 per group
+    assert not S.dense_weight_grad_pays(256, 4, 512, 512, 1024, 1024)  # 64 per group
+    assert not S.dense_weight_grad_pays(256, 1, 512, 512, 1024, 1024)  # one mask per batch
+    net = S.StructuredLinearStack([6, 8, 4], 0.5, groups=2, weight_grad="dense")
+    assert "weight_grad='dense'" in repr(net)
+    with pytest.raises(ValueError, match="weight_grad must be one of auto, grouped, dense"):
+        S.StructuredLinearStack([6, 8, 4], 0.5, weight_grad="sparse")
 
 
 @pytest.mark.parametrize("batch", [10, 3])

@@ -5,7 +5,8 @@ backward, SGD step) in these variants, all from the same initial weights and inp
 
 * ``none``: no dropout, the baseline every ratio is taken against;
 * ``torch``: ``nn.Dropout(p)`` after each hidden activation; ``dropkit``: ``dropkit.nn.Dropout(p)``;
-* ``structured``: :class:`dropkit.structured.StructuredLinearStack` with ``G`` groups.
+* ``structured``: :class:`dropkit.structured.StructuredLinearStack` with ``G`` groups (weight
+  gradients formed as ``--weight-grad`` says; ``auto`` by default, as in training).
 
 Variants take turns step by step (round robin), so a burst of load from other processes on a
 shared machine slows all of them alike instead of one; each figure is the median over
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dropkit import nn as dnn
-from dropkit.structured import StructuredLinearStack
+from dropkit.structured import WEIGHT_GRADS, StructuredLinearStack
 
 IN_FEATURES = 784
 CLASSES = 10
@@ -55,7 +56,7 @@ def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, mome
     return step
 
 
-def _variants(width: int, rates: list[float], groups: list[int]) -> dict[tuple, nn.Module]:
+def _variants(width: int, rates: list[float], groups: list[int], weight_grad: str) -> dict[tuple, nn.Module]:
     """Every variant, keyed ``(kind, p, G)``, each with its own copy of the same initial weights."""
     torch.manual_seed(0)
     linears = [nn.Linear(IN_FEATURES, width), nn.Linear(width, width), nn.Linear(width, CLASSES)]
@@ -65,7 +66,8 @@ def _variants(width: int, rates: list[float], groups: list[int]) -> dict[tuple, 
         models[("dropkit", p, 0)] = _mlp(linears, lambda p=p: dnn.Dropout(p))
         for g in groups:
             copies = [copy.deepcopy(layer) for layer in linears]
-            models[("structured", p, g)] = StructuredLinearStack.from_linears(copies, p, groups=g)
+            models[("structured", p, g)] = StructuredLinearStack.from_linears(copies, p, groups=g,
+                                                                               weight_grad=weight_grad)
     return models
 
 
@@ -93,7 +95,7 @@ def run(args: argparse.Namespace) -> dict:
     load_before = os.getloadavg()
     rows = []
     for width in args.widths:
-        models = _variants(width, args.p, args.groups)
+        models = _variants(width, args.p, args.groups, args.weight_grad)
         for batch in args.batches:
             gen = torch.Generator().manual_seed(1)
             x = torch.randn(batch, IN_FEATURES, generator=gen)
@@ -119,6 +121,7 @@ def run(args: argparse.Namespace) -> dict:
         "threads": threads,
         "torch": torch.__version__,
         "repeats": args.repeats,
+        "weight_grad": args.weight_grad,
         "optimizer": {"name": "SGD", "lr": args.lr, "momentum": args.momentum},
         "targets_vs_none": {str(p): t for p, t in TARGETS.items()},
         "loadavg_before": [round(v, 2) for v in load_before],
@@ -155,6 +158,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--momentum", type=float, default=0.0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--weight-grad", choices=WEIGHT_GRADS, default="auto",
+                        help="how the structured variants form weight gradients (default %(default)s)")
     parser.add_argument("--quick", action="store_true", help="W 1024/2048, B 256, p 0.5, G 1/4, 5 rounds")
     parser.add_argument("--out", help="also write the JSON here")
     parser.set_defaults(func=main)
