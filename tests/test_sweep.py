@@ -133,6 +133,7 @@ def test_rates_are_every_free_p_argument_and_the_main_one_goes_to_p():
     config = trial_config(TrainConfig(model="srivastava_mlp", model_kwargs={"width": 64}),
                           {"p_input": 0.1, "p_hidden": 0.4, "lr": 0.01}, epochs=2)
     assert (config.p, config.model_kwargs, config.lr, config.epochs) == (0.4, {"width": 64, "p_input": 0.1}, 0.01, 2)
+    assert trial_config(TrainConfig(model="srivastava_mlp"), {"p_hidden": 0.0 + 3 * 0.05}).p == 0.15
 
 
 def test_rates_are_searched_on_the_lattice_of_p_step_by_default(tmp_path):

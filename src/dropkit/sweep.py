@@ -278,7 +278,8 @@ def trial_config(base: TrainConfig, params: dict[str, float], epochs: int | None
     """
     main = MODELS[base.model][1]
     changes: dict[str, Any] = {k: params[k] for k in ("lr", "weight_decay") if k in params}
-    rates = {k: v for k, v in params.items() if k not in changes}
+    # a lattice point such as 0.15000000000000002 (low + 3 * 0.05 in floating point) trains as 0.15
+    rates = {k: round(v, 12) for k, v in params.items() if k not in changes}
     if main in rates:
         changes["p"] = rates.pop(main)
     changes["model_kwargs"] = {**base.model_kwargs, **rates}
