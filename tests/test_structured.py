@@ -102,6 +102,56 @@ def test_dense_weight_gradient_is_chosen_only_for_small_groups():
         S.StructuredLinearStack([6, 8, 4], 0.5, weight_grad="sparse")
 
 
+@pytest.mark.parametrize("weight_grad", ["grouped", "dense"])
+def test_workspace_buffers_are_reused_only_once_free(weight_grad):
+    torch.manual_seed(2)
+    net = S.StructuredLinearStack([10, 32, 32, 3], 0.5, p_input=0.2, groups=2).double()
+    ws = S.Workspace()
+    xs = [torch.randn(8, 10, dtype=torch.float64) for _ in range(3)]
+    kept = [net.sample(2) for _ in xs]
+
+    def loss(i, workspace):
+        return S.structured_linear_stack(xs[i], net.layers, kept[i], net.activation, 2, weight_grad, workspace).sum()
+
+    def reference_grads(indices):
+        net.zero_grad()
+        sum(loss(i, None) for i in indices).backward()
+        return [p.grad.clone() for p in net.parameters()]
+
+    # two forwards before one backward: the second must not overwrite the first's saved slices
+    want = reference_grads([0, 1])
+    net.zero_grad()
+    (loss(0, ws) + loss(1, ws)).backward()
+    for a, b in zip([p.grad for p in net.parameters()], want):
+        torch.testing.assert_close(a, b, **TOL)
+    # one step after another: the same memory again, the same gradients as fresh buffers
+    net.zero_grad()
+    loss(2, ws).backward()
+    pointers = {key: held[0].data_ptr() for key, held in ws._buffers.items()}
+    net.zero_grad()
+    loss(2, ws).backward()
+    assert {key: held[0].data_ptr() for key, held in ws._buffers.items()} == pointers
+    for a, b in zip([p.grad for p in net.parameters()], reference_grads([2])):
+        torch.testing.assert_close(a, b, **TOL)
+    # a retained graph keeps its slices: a new forward in between gets other buffers
+    want = [2 * a + b for a, b in zip(reference_grads([0]), reference_grads([1]))]
+    net.zero_grad()
+    first = loss(0, ws)
+    first.backward(retain_graph=True)
+    loss(1, ws).backward()
+    first.backward()
+    for a, b in zip([p.grad for p in net.parameters()], want):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_eval_mode_lets_go_of_the_workspace():
+    net = S.StructuredLinearStack([6, 8, 4], 0.5, groups=2)
+    net(torch.randn(4, 6)).sum().backward()
+    assert net.workspace._buffers
+    net.eval()
+    assert not net.workspace._buffers
+
+
 @pytest.mark.parametrize("batch", [10, 3])
 def test_batch_not_divisible_by_groups_is_padded_without_changing_gradients(batch):
     net = S.StructuredLinearStack([6, 8, 4], 0.5, groups=4, seed=7).double()

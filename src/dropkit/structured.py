@@ -61,6 +61,7 @@ from dropkit.rng import check_seed
 
 __all__ = [
     "KeptUnits",
+    "Workspace",
     "WEIGHT_GRADS",
     "dense_weight_grad_pays",
     "gather_kept",
@@ -288,6 +289,65 @@ def _(slices, rows, cols, run, scale, n_out, n_in):
     return slices.new_empty(n_out, n_in)
 
 
+# --------------------------------------------------------------------------------------------
+# Buffers reused across steps
+# --------------------------------------------------------------------------------------------
+
+#: storage reference count, to tell a buffer nobody holds any more (None: this torch lacks it)
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _use_count(t: torch.Tensor) -> int:
+    return _storage_use_count(t.untyped_storage()._cdata)
+
+
+class Workspace:
+    """Buffers for a structured stack's large temporaries, handed out again from step to step.
+
+    The gathered weight slices of a layer hold ``G * k_out * k_in`` elements: 263 MB at W = 4096,
+    p = 0.3, G = 8. glibc serves any allocation above 32 MB with a fresh ``mmap``, whose every
+    4 KiB page faults when first written, so a fresh buffer each step made that gather take 4x the
+    time of the same gather into memory already mapped (about 400 against 90 ms on the 2-core VM).
+    :meth:`empty` returns a view of a kept buffer only while no other view of it is alive: autograd
+    holds the view saved for backward until backward has run, so two forwards before one backward,
+    or a retained graph, get distinct buffers and nothing is overwritten that is still needed.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, tuple[torch.Tensor, int]] = {}
+
+    def empty(self, tag: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor of ``shape`` with ``like``'s dtype and device, reused if free."""
+        key = (tag, tuple(shape), like.dtype, like.device)
+        held = self._buffers.get(key)
+        if held is None or _storage_use_count is None or _use_count(held[0]) != held[1]:
+            buffer = like.new_empty(shape)
+            held = self._buffers[key] = (buffer, _use_count(buffer) if _storage_use_count else -1)
+        return held[0].view(shape)
+
+    def clear(self) -> None:
+        """Let go of every buffer (their memory is freed once nothing else holds them)."""
+        self._buffers.clear()
+
+
+def _gather_weights(weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor | None, run: int,
+                    workspace: Workspace | None) -> torch.Tensor:
+    """The kept slices of ``weight`` for all groups, ``(G, k_out, k_in)``; whole rows when ``cols`` is None."""
+    groups, k_out = rows.shape
+    if workspace is None or not _use_kernel(weight):
+        if cols is None:
+            return weight.index_select(0, rows.reshape(-1)).view(groups, k_out, weight.shape[1])
+        return gather_kept(weight, rows, cols, run)
+    k_in = weight.shape[1] if cols is None else cols.shape[1] * run
+    out = workspace.empty("weights", (groups, k_out, k_in), weight)
+    if cols is None:
+        torch.index_select(weight, 0, rows.reshape(-1), out=out.view(groups * k_out, k_in))
+    else:
+        run_parallel(out.numel(), _gather_kernel, weight.detach().contiguous().numpy(), rows.numpy(), cols.numpy(),
+                     run, out.numpy())
+    return out
+
+
 #: choices of how the weight gradient is formed (see :func:`dense_weight_grad_pays`)
 WEIGHT_GRADS = ("auto", "grouped", "dense")
 
@@ -318,15 +378,13 @@ def _spread(values: torch.Tensor, units: torch.Tensor, width: int) -> torch.Tens
 class _KeptLinear(torch.autograd.Function):
     """``y[g] = scale * x[g] @ W[rows[g], cols[g]]^T + b[rows[g]]`` on kept slices, for all groups at once.
 
-    ``dense_grad`` forms the weight gradient with one dense product instead of per-group slices.
+    ``dense_grad`` forms the weight gradient with one dense product instead of per-group slices;
+    ``workspace`` (if given) supplies the gathered slices and the gradient slices.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, rows, cols, run, scale, dense_grad=False):
-        if cols is None:  # every input column: whole rows, a plain row gather
-            w = weight.index_select(0, rows.reshape(-1)).view(rows.shape[0], rows.shape[1], weight.shape[1])
-        else:
-            w = gather_kept(weight, rows, cols, run)
+    def forward(ctx, x, weight, bias, rows, cols, run, scale, dense_grad=False, workspace=None):
+        w = _gather_weights(weight, rows, cols, run, workspace)
         if bias is None:
             y = torch.bmm(x, w.transpose(1, 2))
             if scale != 1.0:
@@ -335,6 +393,7 @@ class _KeptLinear(torch.autograd.Function):
             y = torch.baddbmm(bias[rows].unsqueeze(1), x, w.transpose(1, 2), alpha=scale)
         ctx.save_for_backward(x, w, rows, cols)
         ctx.run, ctx.scale, ctx.weight_shape, ctx.dense_grad = run, scale, weight.shape, dense_grad
+        ctx.workspace = workspace if workspace is not None and _use_kernel(x) else None
         return y
 
     @staticmethod
@@ -353,7 +412,9 @@ class _KeptLinear(torch.autograd.Function):
             if ctx.scale != 1.0:
                 grad_w.mul_(ctx.scale)
         elif ctx.needs_input_grad[1]:
-            slices = torch.bmm(grad.transpose(1, 2), x)
+            shape = (grad.shape[0], grad.shape[2], x.shape[2])
+            slices = torch.bmm(grad.transpose(1, 2), x, out=None if ctx.workspace is None
+                               else ctx.workspace.empty("weight_grad_slices", shape, x))
             if cols is None:
                 grad_w = slices.new_zeros(ctx.weight_shape)
                 grad_w.index_add_(0, rows.reshape(-1), slices.reshape(-1, ctx.weight_shape[1]), alpha=ctx.scale)
@@ -361,7 +422,7 @@ class _KeptLinear(torch.autograd.Function):
                 grad_w = scatter_kept(slices, rows, cols, ctx.run, ctx.scale, *ctx.weight_shape)
         if ctx.needs_input_grad[2]:
             grad_b = grad.new_zeros(ctx.weight_shape[0]).index_add_(0, rows.reshape(-1), grad.sum(1).reshape(-1))
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,6 +445,7 @@ def structured_linear_stack(
     activation: nn.Module,
     groups: int,
     weight_grad: str = "auto",
+    workspace: Workspace | None = None,
 ) -> torch.Tensor:
     """Training forward of ``Linear -> activation -> dropout -> ... -> Linear`` on kept slices only.
 
@@ -398,6 +460,7 @@ def structured_linear_stack(
         groups: number of groups ``G``.
         weight_grad: ``"grouped"`` (per-group slices, scattered), ``"dense"`` (one zero-filled dense
             product) or ``"auto"`` (per layer, whichever :func:`dense_weight_grad_pays` says is cheaper).
+        workspace: reuse its buffers for the gathered and gradient slices (not while compiling).
 
     Returns ``(B, out_features)``: what the dense model gives with every group's dropout mask
     (:meth:`KeptUnits.mask`) and the usual inverted-dropout scale. The logits are never dropped.
@@ -424,7 +487,8 @@ def structured_linear_stack(
                 cols, run, scale = in_kept.blocks * in_kept.block_size, in_kept.block_size, in_kept.scale
             dense = weight_grad == "dense" or weight_grad == "auto" and dense_weight_grad_pays(
                 batch, groups, rows.shape[1], h.shape[2], layer.out_features, layer.in_features)
-            h = _KeptLinear.apply(h, layer.weight, layer.bias, rows, cols, run, scale, dense)
+            h = _KeptLinear.apply(h, layer.weight, layer.bias, rows, cols, run, scale, dense,
+                                  None if torch.compiler.is_compiling() else workspace)
         if i + 1 < len(layers):
             h = activation(h)
     return h.reshape(batch, -1)
@@ -526,6 +590,7 @@ class StructuredLinearStack(nn.Module):
             kept_count(layers[0].in_features, self.p_input)
         _check_weight_grad(weight_grad)
         self.weight_grad = weight_grad
+        self.workspace = Workspace()
         self.seed = seed
         self.generator: torch.Generator | None = None
         if seed is not None:
@@ -557,8 +622,15 @@ class StructuredLinearStack(nn.Module):
         padded = math.ceil(batch / groups) * groups
         if padded != batch:  # pad rows get zero gradient: their outputs are cut off below
             x = F.pad(x, (0, 0, 0, padded - batch))
-        out = structured_linear_stack(x, self.layers, self.sample(groups), self.activation, groups, self.weight_grad)
+        out = structured_linear_stack(x, self.layers, self.sample(groups), self.activation, groups, self.weight_grad,
+                                      self.workspace)
         return out[:batch]
+
+    def train(self, mode: bool = True) -> StructuredLinearStack:
+        """Set the mode; leaving training lets go of the step buffers (see :class:`Workspace`)."""
+        if not mode:
+            self.workspace.clear()
+        return super().train(mode)
 
     def extra_repr(self) -> str:
         text = (f"p={self.p}, p_input={self.p_input}, groups={self.groups}, block_size={self.block_size}, "
