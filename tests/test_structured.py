@@ -92,10 +92,13 @@ def test_weight_gradients_equal_dense_and_rows_no_group_kept_are_zero(weight_gra
 
 
 def test_dense_weight_gradient_is_chosen_only_for_small_groups():
-    # p = 0.5 on a 1024 x 1024 layer: the dense product pays below 42.7 examples per group
-    assert S.dense_weight_grad_pays(256, 8, 512, 512, 1024, 1024)  # 32 per group
-    assert not S.dense_weight_grad_pays(256, 4, 512, 512, 1024, 1024)  # 64 per group
+    # p = 0.5 on a 1024 x 1024 layer: the dense product pays below 80 / 3 = 26.7 examples per group
+    assert S.dense_weight_grad_pays(256, 16, 512, 512, 1024, 1024)  # 16 per group
+    assert not S.dense_weight_grad_pays(256, 8, 512, 512, 1024, 1024)  # 32 per group
     assert not S.dense_weight_grad_pays(256, 1, 512, 512, 1024, 1024)  # one mask per batch
+    # p = 0.3 (717 of 1024 kept): below 80 / 1.04 = 77 examples per group
+    assert S.dense_weight_grad_pays(256, 4, 717, 717, 1024, 1024)  # 64 per group
+    assert not S.dense_weight_grad_pays(256, 2, 717, 717, 1024, 1024)  # 128 per group
     net = S.StructuredLinearStack([6, 8, 4], 0.5, groups=2, weight_grad="dense")
     assert "weight_grad='dense'" in repr(net)
     with pytest.raises(ValueError, match="weight_grad must be one of auto, grouped, dense"):

@@ -352,9 +352,11 @@ def _gather_weights(weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
 WEIGHT_GRADS = ("auto", "grouped", "dense")
 
 #: what one element of a group's weight-gradient slice costs (its product output, its write and
-#: read, its scatter-add), in multiply-adds of a dense product; fitted on the 2-core AMD EPYC VM at
-#: W = 4096, B = 256, p = 0.3, where G = 1 -> 8 took 210 -> 688 ms against 245 ms dense
-SLICE_ELEMENT_COST = 128
+#: read, its scatter-add), in multiply-adds of a dense product. Bounded by `dropkit bench-structured`
+#: on the 2-core AMD EPYC VM (one thread, slices in a Workspace): at p = 0.5 and 32 examples per
+#: group the grouped way was still the faster (so the cost is below 96), at p = 0.3 and 64 per
+#: group the dense way (so above 67); see BENCHMARKS.md
+SLICE_ELEMENT_COST = 80
 
 
 def dense_weight_grad_pays(batch: int, groups: int, k_out: int, k_in: int, n_out: int, n_in: int) -> bool:
@@ -362,8 +364,8 @@ def dense_weight_grad_pays(batch: int, groups: int, k_out: int, k_in: int, n_out
 
     The grouped way costs ``B * k_out * k_in`` multiply-adds plus ``G * k_out * k_in`` slice
     elements to write and scatter; the dense way ``B * n_out * n_in`` multiply-adds on zero-filled
-    full-width matrices. Dense wins when groups are small: at p = 0.5 below about 40 examples per
-    group, at p = 0.3 below about 120.
+    full-width matrices. For a hidden-to-hidden layer (both sides dropped) dense wins when groups
+    are small: at p = 0.5 below about 27 examples per group, at p = 0.3 below about 77.
     """
     return (batch + SLICE_ELEMENT_COST * groups) * k_out * k_in > batch * n_out * n_in
 
@@ -485,7 +487,9 @@ def structured_linear_stack(
                 cols, run, scale = None, 1, 1.0
             else:
                 cols, run, scale = in_kept.blocks * in_kept.block_size, in_kept.block_size, in_kept.scale
-            dense = weight_grad == "dense" or weight_grad == "auto" and dense_weight_grad_pays(
+            # "auto" considers the dense way only where the slices need the column scatter: a
+            # layer with all its inputs adds whole slice rows, at memory speed
+            dense = weight_grad == "dense" or weight_grad == "auto" and cols is not None and dense_weight_grad_pays(
                 batch, groups, rows.shape[1], h.shape[2], layer.out_features, layer.in_features)
             h = _KeptLinear.apply(h, layer.weight, layer.bias, rows, cols, run, scale, dense,
                                   None if torch.compiler.is_compiling() else workspace)
