@@ -256,7 +256,12 @@ def gather_kept(weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, ru
     """The kept slices ``weight[rows[g]][:, runs of cols[g]]`` of all groups, shape ``(G, k_out, k_in)``."""
     if not _use_kernel(weight):
         return gather_torch(weight, rows, cols, run)
-    out = weight.new_empty(rows.shape[0], rows.shape[1], cols.shape[1] * run)
+    return _gather_into(weight, rows, cols, run, weight.new_empty(rows.shape[0], rows.shape[1], cols.shape[1] * run))
+
+
+def _gather_into(weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, run: int,
+                 out: torch.Tensor) -> torch.Tensor:
+    """The compiled gather of :func:`gather_kept`, written into ``out``."""
     run_parallel(out.numel(), _gather_kernel, weight.detach().contiguous().numpy(), rows.numpy(), cols.numpy(), run,
                  out.numpy())
     return out
@@ -342,10 +347,8 @@ def _gather_weights(weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
     out = workspace.empty("weights", (groups, k_out, k_in), weight)
     if cols is None:
         torch.index_select(weight, 0, rows.reshape(-1), out=out.view(groups * k_out, k_in))
-    else:
-        run_parallel(out.numel(), _gather_kernel, weight.detach().contiguous().numpy(), rows.numpy(), cols.numpy(),
-                     run, out.numpy())
-    return out
+        return out
+    return _gather_into(weight, rows, cols, run, out)
 
 
 #: choices of how the weight gradient is formed (see :func:`dense_weight_grad_pays`)
