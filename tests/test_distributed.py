@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -98,6 +99,17 @@ def test_a_rank_that_raises_stops_the_job_naming_the_rank():
     with pytest.raises(distributed.WorkerFailed, match=r"rank 1 \(pid \d+\) failed.*injected failure"):
         distributed.launch(2, _raise_on_rank_one)
     assert time.time() - start < 60
+
+
+def test_the_failure_named_within_one_second_is_the_one_that_raised_first_or_died_without_raising():
+    def failure(pid, line):
+        return SimpleNamespace(timestamp=1_700_000_000, pid=pid, exitcode=1, message={"message": line})
+
+    err = SimpleNamespace(failures={0: failure(10, "RuntimeError: Connection closed by peer"),
+                                    1: failure(11, "RuntimeError: injected failure")})
+    assert distributed._describe_failure(err, {0: 2_000, 1: 1_000}).startswith(
+        "distributed run stopped: rank 1 (pid 11) failed (exit code 1): RuntimeError: injected failure")
+    assert "rank 1 (pid 11)" in distributed._describe_failure(err, {0: 2_000})  # rank 1 was killed
 
 
 def _workers(pid: int) -> list[int]:

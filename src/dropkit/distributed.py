@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -106,10 +109,16 @@ class WorkerFailed(RuntimeError):
 
 
 @record
-def _worker(fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+def _worker(fn: Callable[..., T], args: tuple[Any, ...], failure_dir: str) -> T:
     share_cores()
-    with process_group():
-        return fn(*args)
+    try:
+        with process_group():
+            return fn(*args)
+    except BaseException:
+        # torch's error record has a timestamp in whole seconds; this one tells apart a rank that
+        # raised from the peers that failed on its closed connection a few milliseconds later
+        Path(failure_dir, os.environ["RANK"]).write_text(str(time.time_ns()))
+        raise
 
 
 def share_cores() -> None:
@@ -132,16 +141,27 @@ def launch(nproc: int, fn: Callable[..., T], *args: Any) -> T:
         rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
         monitor_interval=MONITOR_INTERVAL, start_method="spawn",
     )
-    try:
-        results = elastic_launch(config, _worker)(fn, args)
-    except ChildFailedError as err:
-        raise WorkerFailed(_describe_failure(err)) from None
+    with tempfile.TemporaryDirectory(prefix="dropkit-failures-") as failure_dir:
+        try:
+            results = elastic_launch(config, _worker)(fn, args, failure_dir)
+        except ChildFailedError as err:
+            raise WorkerFailed(_describe_failure(err, _failure_times(failure_dir))) from None
     return results[0]
 
 
-def _describe_failure(err: ChildFailedError) -> str:
-    """Name the rank that failed first (the cause) and its error; list the ranks stopped after it."""
-    first_rank, first = err.get_first_failure()
+def _failure_times(failure_dir: str) -> dict[int, int]:
+    """Rank -> nanosecond time at which it raised, for the ranks that raised (see :func:`_worker`)."""
+    times = {int(path.name): path.read_text().strip() for path in Path(failure_dir).iterdir()}
+    return {rank: int(text) for rank, text in times.items() if text.isdigit()}  # a rank may die mid-write
+
+
+def _describe_failure(err: ChildFailedError, raised_at: dict[int, int]) -> str:
+    """Name the rank that failed first (the cause) and its error; list the ranks stopped after it.
+
+    Failures are ordered by torch's timestamp (whole seconds), then by ``raised_at``; a rank that
+    died without raising (killed) has no such time and goes first within its second.
+    """
+    first_rank, first = min(err.failures.items(), key=lambda item: (item[1].timestamp, raised_at.get(item[0], -1)))
     others = sorted(r for r in err.failures if r != first_rank)
     text = (f"distributed run stopped: rank {first_rank} (pid {first.pid}) failed (exit code {first.exitcode}): "
             f"{_error_line(first)}")
