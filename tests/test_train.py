@@ -14,7 +14,9 @@ from dropkit import data
 from dropkit import train as training
 from dropkit.cli import main
 from dropkit.models import build_model
-from dropkit.train import TrainConfig, apply_max_norm, evaluate, hidden_linears, iter_metrics, load_splits, train
+from dropkit.train import (
+    TrainConfig, apply_max_norm, evaluate, hidden_linears, iter_metrics, load_splits, ramped_momentum, train,
+)
 
 #: a small MNIST slice: a run of 2 epochs takes well under a second
 SMALL = dict(limit_train=2000, limit_test=500, val_size=500, epochs=2)
@@ -107,8 +109,9 @@ class Killed(Exception):
         dict(optimizer="nesterov", lr=0.05, schedule="cosine", max_norm=2.0),
         dict(optimizer="adamw", weight_decay=0.01, schedule="step", step_epochs=1, step_gamma=0.5),
         dict(model="lstm", model_kwargs={"hidden": 16, "layers": 1, "p_weight": 0.3}, limit_train=300),
+        dict(optimizer="nesterov", lr=0.05, momentum=0.95, momentum_start=0.5, momentum_ramp=2),
     ],
-    ids=["sgd-cosine-maxnorm", "adamw-step", "lstm-weightdrop"],
+    ids=["sgd-cosine-maxnorm", "adamw-step", "lstm-weightdrop", "momentum-ramp"],
 )
 def test_resume_after_a_kill_ends_where_the_uninterrupted_run_ends(tmp_path, monkeypatch, settings):
     config = TrainConfig(**{**SMALL, "limit_train": 1000, **settings})
@@ -177,6 +180,21 @@ def test_learning_rate_schedules(settings, lrs):
     assert [row["lr"] for row in train(config, quiet=True).history] == pytest.approx(lrs)
 
 
+def test_momentum_ramp_rises_linearly_then_holds():
+    config = TrainConfig(**{**SMALL, "epochs": 4, "limit_train": 256}, optimizer="nesterov", lr=0.05,
+                         momentum=0.9, momentum_start=0.6, momentum_ramp=2)
+    assert [ramped_momentum(config, epoch) for epoch in (1, 2, 3, 4)] == pytest.approx([0.6, 0.75, 0.9, 0.9])
+    result = train(config, quiet=True)
+    assert [row["momentum"] for row in result.history] == pytest.approx([0.6, 0.75, 0.9, 0.9])
+    assert "momentum" not in train(dataclasses.replace(config, momentum_ramp=0), quiet=True).history[0]
+
+
+def test_momentum_ramp_changes_the_run():
+    config = TrainConfig(**{**SMALL, "epochs": 1, "limit_train": 256}, optimizer="sgd", lr=0.05, momentum=0.9)
+    ramped = dataclasses.replace(config, momentum_start=0.0, momentum_ramp=5)
+    assert figures(train(config, quiet=True).history) != figures(train(ramped, quiet=True).history)
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "nesterov", "adam", "adamw"])
 def test_every_optimizer_trains(optimizer):
     lr = 1e-3 if optimizer.startswith("adam") else 0.05
@@ -231,6 +249,21 @@ def test_bad_settings_are_refused_with_their_range(field, value, message):
         train(config, quiet=True)
 
 
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(momentum_ramp=-1), "momentum_ramp must be >= 0 epochs, got -1"),
+        (dict(optimizer="adam", momentum_ramp=5), "momentum_ramp applies to sgd and nesterov, not optimizer 'adam'"),
+        (dict(optimizer="sgd", momentum=0.9, momentum_start=0.95, momentum_ramp=5),
+         r"momentum_start must be in \[0, momentum=0.9\], got 0.95"),
+        (dict(optimizer="nesterov", momentum_start=0.0, momentum_ramp=5), "nesterov needs momentum_start in"),
+    ],
+)
+def test_bad_momentum_ramps_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**settings).validate()
+
+
 def test_nesterov_needs_momentum():
     with pytest.raises(ValueError, match="nesterov needs momentum"):
         TrainConfig(optimizer="nesterov", momentum=0.0).validate()
@@ -257,10 +290,12 @@ def test_cli_trains_each_rate_and_prints_one_table(tmp_path, capsys):
 
 def test_cli_passes_model_arguments_and_resumes(tmp_path, capsys):
     args = ["train", "--model", "srivastava_mlp", "--model-arg", "width=32", "--model-arg", "depth=1",
-            "--max-norm", "3", "--optimizer", "sgd", "--lr", "0.05", *CLI_SMALL, "--out", str(tmp_path)]
+            "--max-norm", "3", "--optimizer", "sgd", "--lr", "0.05", "--momentum-ramp", "4", "--momentum-start", "0.3",
+            *CLI_SMALL, "--out", str(tmp_path)]
     assert main(args) == 0
     config = json.loads((tmp_path / "p=0.5" / "config.json").read_text())
     assert config["model_kwargs"] == {"width": 32, "depth": 1} and config["max_norm"] == 3.0
+    assert (config["momentum_ramp"], config["momentum_start"]) == (4, 0.3)
     assert main([*args, "--epochs", "2", "--resume"]) == 0
     assert [row["epoch"] for row in iter_metrics(tmp_path / "p=0.5")] == [1, 2]
 
@@ -271,6 +306,7 @@ def test_cli_passes_model_arguments_and_resumes(tmp_path, capsys):
         (["--p", "0", "1.5"], r"argument --p: must be in \[0, 1\], got 1.5"),
         (["--lr", "-1"], "argument --lr: must be > 0"),
         (["--momentum", "1"], r"argument --momentum: must be in \[0, 1\)"),
+        (["--momentum-ramp", "-1"], "argument --momentum-ramp: must be an integer >= 0"),
         (["--epochs", "0"], "argument --epochs: must be an integer >= 1"),
         (["--optimizer", "rmsprop"], "argument --optimizer: invalid choice"),
         (["--model-arg", "width"], "argument --model-arg: expected KEY=VALUE"),

@@ -106,6 +106,8 @@ class TrainConfig:
     weight vector (one row per unit) is rescaled to norm <= ``max_norm`` (Srivastava et al. 2014, JMLR, sec. 5.1:
     with dropout it allows large learning rates without weights blowing up; they used c of 3-4).
     ``limit_train``/``limit_test`` keep the first N examples, for quick runs and tests.
+    ``momentum_ramp`` > 0 raises SGD momentum linearly from ``momentum_start`` to ``momentum`` over
+    that many epochs (see :func:`ramped_momentum`).
     ``planned_epochs`` is the length the learning-rate schedule and the dropout-rate schedules span
     (None: ``epochs``). A run with fewer ``epochs`` is the start of the planned run, figure for
     figure, and can be resumed to more: this is how a sweep trains a trial rung by rung.
@@ -117,6 +119,8 @@ class TrainConfig:
     optimizer: str = "adam"
     lr: float = 1e-3
     momentum: float = 0.9
+    momentum_start: float = 0.5
+    momentum_ramp: int = 0
     weight_decay: float = 0.0
     max_norm: float | None = None
     schedule: str = "none"
@@ -151,6 +155,15 @@ class TrainConfig:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.optimizer == "nesterov" and self.momentum == 0:
             raise ValueError("optimizer nesterov needs momentum in (0, 1), got 0")
+        if self.momentum_ramp < 0:
+            raise ValueError(f"momentum_ramp must be >= 0 epochs, got {self.momentum_ramp}")
+        if self.momentum_ramp > 0:
+            if self.optimizer not in ("sgd", "nesterov"):
+                raise ValueError(f"momentum_ramp applies to sgd and nesterov, not optimizer {self.optimizer!r}")
+            if not 0.0 <= self.momentum_start <= self.momentum:
+                raise ValueError(f"momentum_start must be in [0, momentum={self.momentum}], got {self.momentum_start}")
+            if self.optimizer == "nesterov" and self.momentum_start == 0:
+                raise ValueError("optimizer nesterov needs momentum_start in (0, momentum], got 0")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.max_norm is not None:
@@ -469,6 +482,9 @@ def train(
         torch.manual_seed(rng.derive_seed(config.seed, MASK_STREAM, rank, epoch))
         hooks.epoch, hooks.first_step = epoch - 1, (epoch - 1) * len(batches)
         lr = optimizer.param_groups[0]["lr"]
+        if config.momentum_ramp > 0:
+            for group in optimizer.param_groups:
+                group["momentum"] = ramped_momentum(config, epoch)
         start = time.perf_counter()
         with _progress(len(batches), f"epoch {epoch}/{config.epochs}", quiet or not main) as bar:
             fit = _train_epoch(net, batches, optimizer, hooks, bar)
@@ -477,6 +493,8 @@ def train(
             scheduler.step()
         row = _epoch_row(epoch, _current_rate(config, model, callback, rate), lr, fit,
                          _evaluate_all(model, train_split.head(TRAIN_EVAL_SIZE), val_split, test_split), seconds)
+        if config.momentum_ramp > 0:
+            row["momentum"] = ramped_momentum(config, epoch)
         if config.rate == "concrete":
             row["concrete_p"] = concrete_rates(model)
         history.append(row)
@@ -492,6 +510,21 @@ def train(
     if out is not None and main:
         _write_text(out / "result.json", json.dumps(result.summary(), indent=2) + "\n")
     return result
+
+
+def ramped_momentum(config: TrainConfig, epoch: int) -> float:
+    """SGD momentum in ``epoch`` (1-based): ``momentum_start`` rising linearly to ``momentum`` over
+    the first ``momentum_ramp`` epochs, then constant.
+
+    Dropout nets want 10-100x the learning rate of standard nets, or momentum 0.95-0.99
+    (Srivastava et al. 2014, JMLR, appendix A.2); Hinton et al. 2012 (arXiv:1207.0580) started
+    momentum at 0.5 and raised it linearly to 0.99, so that the first steps, far from any minimum,
+    do not blow up. The value is a function of the epoch alone, so a resumed run sets the same one.
+    """
+    if config.momentum_ramp == 0:
+        return config.momentum
+    frac = min(1.0, (epoch - 1) / config.momentum_ramp)
+    return config.momentum_start + (config.momentum - config.momentum_start) * frac
 
 
 def model_p(config: TrainConfig) -> float | None:

@@ -79,6 +79,11 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
                      help="learning rate, > 0 (default %(default)g)")
     opt.add_argument("--momentum", type=float_in(0, 1, high_open=True), default=defaults.momentum,
                      help="SGD momentum in [0, 1) (default %(default)g)")
+    opt.add_argument("--momentum-ramp", type=int_at_least(0), default=defaults.momentum_ramp, metavar="EPOCHS",
+                     help="raise SGD momentum linearly from --momentum-start to --momentum over this many epochs "
+                          "(default %(default)s: constant)")
+    opt.add_argument("--momentum-start", type=float_in(0, 1, high_open=True), default=defaults.momentum_start,
+                     help="momentum in the first epoch of a ramp, <= --momentum (default %(default)g)")
     opt.add_argument("--weight-decay", type=float_in(0, math.inf, high_open=True), default=defaults.weight_decay,
                      help="L2 penalty, >= 0 (default %(default)g)")
     opt.add_argument("--max-norm", type=float_in(0, math.inf, low_open=True, high_open=True), default=None,
@@ -108,7 +113,8 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
     """The validated :class:`TrainConfig` the flags describe, with ``overrides`` applied."""
     config = TrainConfig(
         model=args.model, model_kwargs=dict(args.model_arg), optimizer=args.optimizer, lr=args.lr,
-        momentum=args.momentum, weight_decay=args.weight_decay, max_norm=args.max_norm, schedule=args.schedule,
+        momentum=args.momentum, momentum_ramp=args.momentum_ramp, momentum_start=args.momentum_start,
+        weight_decay=args.weight_decay, max_norm=args.max_norm, schedule=args.schedule,
         step_epochs=args.step_epochs, step_gamma=args.step_gamma, epochs=args.epochs, batch_size=args.batch_size,
         seed=args.seed, val_size=args.val_size, dataset=args.dataset, data_dir=args.data_dir,
         limit_train=args.limit_train, limit_test=args.limit_test,
