@@ -189,6 +189,15 @@ def test_normalise_uses_training_statistics():
         normalise(test)
 
 
+def test_normalise_without_standardising_keeps_pixels_in_unit_range():
+    train = Split(torch.tensor([[[0, 51, 255]]], dtype=torch.uint8), torch.zeros(1, dtype=torch.long))
+    (train_f,) = normalise(train, standardise=False)
+    assert train_f.images.dtype == torch.float32
+    assert torch.equal(train_f.images, torch.tensor([[[0.0, 0.2, 1.0]]]))
+    (blank,) = normalise(Split(torch.zeros(1, 1, 2, dtype=torch.uint8), train.labels), standardise=False)
+    assert torch.equal(blank.images, torch.zeros(1, 1, 2))  # no statistics needed, so no zero-variance error
+
+
 def test_batch_iterator_covers_every_example_once_per_pass():
     split = _split(10)
     batches = list(BatchIterator(split, 4, generator=torch.Generator().manual_seed(0)))

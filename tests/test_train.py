@@ -52,6 +52,17 @@ def test_a_short_run_learns_and_reports_every_metric():
     assert evaluate(result.model, train_part) == (pytest.approx(final["train_eval_loss"]), final["train_eval_acc"])
 
 
+def test_unit_inputs_train_on_pixels_in_unit_range():
+    config = TrainConfig(**SMALL, inputs="unit")
+    train_part, val, test = load_splits("mnist", None, 500, 2000, 500, "unit")
+    assert all(s.images.min() == 0 and s.images.max() == 1 for s in (train_part, val, test))
+    standard, _, _ = load_splits("mnist", None, 500, 2000, 500)
+    assert standard.images.min() < 0 and torch.equal(standard.labels, train_part.labels)
+    result = train(config, quiet=True)
+    assert result.final["test_acc"] > 0.5  # chance is 0.1; unscaled pixels learn slower than standardised ones
+    assert evaluate(result.model, test) == (pytest.approx(result.final["test_loss"]), result.final["test_acc"])
+
+
 def test_fusing_relu_dropout_changes_no_figure_and_keeps_less(monkeypatch):
     """train() fuses ReLU -> Dropout pairs; the same run unfused gives the very same figures."""
     config = TrainConfig(**SMALL, model="srivastava_mlp", model_kwargs={"width": 64, "depth": 2})
@@ -234,6 +245,7 @@ def test_without_validation_set_val_figures_are_none(idx_folder):
         ("p", float("nan"), r"p must be in \[0, 1\]"),
         ("optimizer", "rmsprop", "optimizer must be one of sgd, nesterov, adam, adamw"),
         ("schedule", "linear", "schedule must be one of none, cosine, step"),
+        ("inputs", "raw", "inputs must be one of standard, unit, got 'raw'"),
         ("lr", 0.0, "lr must be a finite number > 0"),
         ("momentum", 1.0, r"momentum must be in \[0, 1\)"),
         ("max_norm", -1.0, "max_norm must be a finite number > 0"),
@@ -291,11 +303,12 @@ def test_cli_trains_each_rate_and_prints_one_table(tmp_path, capsys):
 def test_cli_passes_model_arguments_and_resumes(tmp_path, capsys):
     args = ["train", "--model", "srivastava_mlp", "--model-arg", "width=32", "--model-arg", "depth=1",
             "--max-norm", "3", "--optimizer", "sgd", "--lr", "0.05", "--momentum-ramp", "4", "--momentum-start", "0.3",
+            "--inputs", "unit",
             *CLI_SMALL, "--out", str(tmp_path)]
     assert main(args) == 0
     config = json.loads((tmp_path / "p=0.5" / "config.json").read_text())
     assert config["model_kwargs"] == {"width": 32, "depth": 1} and config["max_norm"] == 3.0
-    assert (config["momentum_ramp"], config["momentum_start"]) == (4, 0.3)
+    assert (config["momentum_ramp"], config["momentum_start"], config["inputs"]) == (4, 0.3, "unit")
     assert main([*args, "--epochs", "2", "--resume"]) == 0
     assert [row["epoch"] for row in iter_metrics(tmp_path / "p=0.5")] == [1, 2]
 

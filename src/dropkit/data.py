@@ -249,17 +249,20 @@ def split_validation(train: Split, val_size: int = 5000, seed: int = 0) -> tuple
     return Split(train.images[train_idx], train.labels[train_idx]), Split(train.images[val_idx], train.labels[val_idx])
 
 
-def normalise(train: Split, *others: Split) -> tuple[Split, ...]:
+def normalise(train: Split, *others: Split, standardise: bool = True) -> tuple[Split, ...]:
     """Scale uint8 pixels to [0, 1], then standardise every split with the *training* mean and std.
 
     Statistics come from ``train`` only so that nothing about held-out data leaks into the
-    inputs; one scalar mean/std over all pixels (MNIST's well-known 0.1307 / 0.3081).
+    inputs; one scalar mean/std over all pixels (MNIST's well-known 0.1307 / 0.3081). With
+    ``standardise=False`` the pixels stay in [0, 1].
     Returns float32 splits in the order given: ``(train, *others)``.
     """
-    pixels = train.images.float().div_(255)
-    mean, std = pixels.mean(), pixels.std()
-    if not std > 0:
-        raise ValueError(f"training images have zero pixel variance ({len(train)} images); cannot standardise")
+    mean, std = 0.0, 1.0
+    if standardise:
+        pixels = train.images.float().div_(255)
+        mean, std = pixels.mean(), pixels.std()
+        if not std > 0:
+            raise ValueError(f"training images have zero pixel variance ({len(train)} images); cannot standardise")
 
     def scale(split: Split) -> Split:
         return Split(split.images.float().div_(255).sub_(mean).div_(std), split.labels)

@@ -73,6 +73,8 @@ __all__ = [
 
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
 SCHEDULES = ("none", "cosine", "step")
+#: how pixels reach the network: standardised with the training mean and std, or scaled to [0, 1]
+INPUTS = ("standard", "unit")
 #: how the dropout rate is set: fixed (p, optionally scheduled), auto (OverfitController), concrete (learnt)
 RATES = ("fixed", "auto", "concrete")
 #: where an adaptive rate (auto, concrete) starts the main rate when ``p`` is not given. Low, for two
@@ -108,6 +110,8 @@ class TrainConfig:
     ``limit_train``/``limit_test`` keep the first N examples, for quick runs and tests.
     ``momentum_ramp`` > 0 raises SGD momentum linearly from ``momentum_start`` to ``momentum`` over
     that many epochs (see :func:`ramped_momentum`).
+    ``inputs="unit"`` feeds pixels in [0, 1] instead of standardised ones, as Srivastava et al. did:
+    a blank background is then 0 and adds nothing to a unit's input, which matters to max-norm.
     ``planned_epochs`` is the length the learning-rate schedule and the dropout-rate schedules span
     (None: ``epochs``). A run with fewer ``epochs`` is the start of the planned run, figure for
     figure, and can be resumed to more: this is how a sweep trains a trial rung by rung.
@@ -131,6 +135,7 @@ class TrainConfig:
     seed: int = 0
     val_size: int = 5000
     dataset: str = "mnist"
+    inputs: str = "standard"
     data_dir: str | None = None
     limit_train: int | None = None
     limit_test: int | None = None
@@ -150,6 +155,7 @@ class TrainConfig:
             raise ValueError(f"p must be in [0, 1], got {self.p}")
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_choice("inputs", self.inputs, INPUTS)
         _check_positive("lr", self.lr)
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
@@ -245,16 +251,17 @@ class TrainResult:
 
 @functools.lru_cache(maxsize=1)
 def load_splits(
-    dataset: str, data_dir: str | None, val_size: int, limit_train: int | None, limit_test: int | None
+    dataset: str, data_dir: str | None, val_size: int, limit_train: int | None, limit_test: int | None,
+    inputs: str = "standard",
 ) -> tuple[Split, Split, Split]:
     """Normalised ``(train, val, test)`` splits for a config; cached so that runs in a row load once.
 
     The validation set is carved out of the full training set before ``limit_train`` applies,
-    so it is the same whatever slice is trained on.
+    so it is the same whatever slice is trained on. ``inputs`` is :data:`INPUTS`' choice.
     """
     ds = load_dataset(dataset, data_dir)
     train_part, val = split_validation(ds.train, val_size, seed=VAL_SPLIT_SEED)
-    return normalise(train_part.head(limit_train), val, ds.test.head(limit_test))
+    return normalise(train_part.head(limit_train), val, ds.test.head(limit_test), standardise=inputs == "standard")
 
 
 def apply_max_norm(layers: Iterable[nn.Linear], max_norm: float) -> None:
@@ -448,7 +455,7 @@ def train(
     p = model_p(config)
     rate = main_rate(config.model, p, **config.model_kwargs)
     train_split, val_split, test_split = load_splits(
-        config.dataset, config.data_dir, config.val_size, config.limit_train, config.limit_test
+        config.dataset, config.data_dir, config.val_size, config.limit_train, config.limit_test, config.inputs
     )
     rng.manual_seed(config.seed)
     model = build_model(config.model, p, **config.model_kwargs)

@@ -15,7 +15,7 @@ from typing import Any
 
 from dropkit.data import DATASETS
 from dropkit.models import MODELS
-from dropkit.train import OPTIMIZERS, SCHEDULES, TrainConfig
+from dropkit.train import INPUTS, OPTIMIZERS, SCHEDULES, TrainConfig
 
 
 def float_in(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Callable[[str], float]:
@@ -103,6 +103,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--dataset", default=defaults.dataset,
                       help=f"{' or '.join(DATASETS)}, or any name with --data-dir (default %(default)s)")
     data.add_argument("--data-dir", default=None, help="folder holding the four IDX files")
+    data.add_argument("--inputs", choices=INPUTS, default=defaults.inputs,
+                      help="pixels standardised with the training mean and std, or in [0, 1] (default %(default)s)")
     data.add_argument("--val-size", type=int_at_least(0), default=defaults.val_size,
                       help="training examples held out for validation (default %(default)s)")
     data.add_argument("--limit-train", type=int_at_least(1), default=None, help="train on the first N examples")
@@ -116,7 +118,7 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
         momentum=args.momentum, momentum_ramp=args.momentum_ramp, momentum_start=args.momentum_start,
         weight_decay=args.weight_decay, max_norm=args.max_norm, schedule=args.schedule,
         step_epochs=args.step_epochs, step_gamma=args.step_gamma, epochs=args.epochs, batch_size=args.batch_size,
-        seed=args.seed, val_size=args.val_size, dataset=args.dataset, data_dir=args.data_dir,
+        seed=args.seed, val_size=args.val_size, dataset=args.dataset, inputs=args.inputs, data_dir=args.data_dir,
         limit_train=args.limit_train, limit_test=args.limit_test,
     )
     for name, value in overrides.items():
