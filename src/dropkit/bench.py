@@ -30,7 +30,7 @@ from torch import nn
 
 import dropkit
 from dropkit import functional as DF
-from dropkit import ops, rng
+from dropkit import heap, ops, rng
 
 #: default sizes of ``kernels``: 2**16 .. 2**26 elements, every other power of two
 DEFAULT_LOG2_SIZES = (16, 18, 20, 22, 24, 26)
@@ -49,6 +49,7 @@ def environment() -> dict:
         "processor": _cpu_name(),
         "python": platform.python_version(),
         "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "heap": os.environ.get(heap.ENV, "default"),  # see dropkit.heap
     }
 
 

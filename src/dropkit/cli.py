@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
+from dropkit import heap
 from dropkit.distributed import WorkerFailed
 
 #: subcommand name -> module (under dropkit.commands) that defines it
@@ -33,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    os.environ.setdefault(heap.ENV, "retain")  # a training process keeps its freed memory (dropkit.heap)
     try:
+        heap.configure()
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as err:
         print(f"dropkit {args.command}: error: {err}", file=sys.stderr)
