@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 
 import numba
 import numpy as np
@@ -26,7 +27,7 @@ from dropkit.kernels import cpu, reference
 __all__ = ["compiled", "gaussian", "keep_mask", "masked", "masked_from_bits", "reference", "relu_dropout_grad"]
 
 #: elements per thread below which a kernel runs on fewer threads (see run_parallel)
-MIN_ELEMENTS_PER_THREAD = 2**18
+MIN_ELEMENTS_PER_THREAD = 2**16
 #: a Box-Muller draw (log, cos, sqrt) costs about as much as this many selects
 _GAUSSIAN_COST = 32
 _NATIVE = (torch.float32, torch.float64, torch.bfloat16)
@@ -139,18 +140,39 @@ def run_parallel(work: int, kernel, *args) -> None:
     least :data:`MIN_ELEMENTS_PER_THREAD` elements' worth of ``work`` per thread, and leave torch's
     thread count as it was.
 
-    A parallel region lasts as long as its slowest thread. Below about 2**18 elements a second
-    thread saves only tens of microseconds (2**18 float32: 0.09 ms on one thread, 0.06 ms on two,
-    on an idle 2-core machine), while a thread that has to share its core — with another process,
-    or with torch's OpenMP workers, which spin for a while after each torch op — can hold the whole
-    region up for a scheduler time slice (milliseconds). So small inputs run on the calling thread.
+    A parallel region lasts as long as its slowest thread, and a thread that has to share its core
+    with another process can hold it up for a scheduler time slice, so tiny inputs run on the
+    calling thread. torch's own workers are no such risk: numba's OpenMP layer runs on the same
+    OpenMP runtime and the same pool threads, which are awake right after torch's last op. In the
+    MLP step (2**18-element activations) two threads made the dropout step 1.035-1.045x the step
+    without dropout, against 1.04-1.085x on one (``BENCHMARKS.md``).
 
-    numba's OpenMP layer shares the OpenMP runtime with torch, and starting its thread pool resets
-    that runtime's thread count: without the restore below, the first large kernel would silently
-    undo ``torch.set_num_threads`` (and oversubscribe the cores of data-parallel workers).
+    numba's team size is set only when it changes (:func:`_set_numba_threads`). Starting numba's
+    pool resets the shared runtime's thread count: without the restore below, the first large
+    kernel would silently undo ``torch.set_num_threads`` (and oversubscribe the cores of
+    data-parallel workers).
     """
     threads = torch.get_num_threads()
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS, work // MIN_ELEMENTS_PER_THREAD)))
+    _set_numba_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS, work // MIN_ELEMENTS_PER_THREAD)))
     kernel(*args)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+class _NumbaThreads(threading.local):
+    """The team size this Python thread last gave numba (numba's setting is per thread too)."""
+
+    count = 0
+
+
+_numba_threads = _NumbaThreads()
+
+
+def _set_numba_threads(count: int) -> None:
+    """``numba.set_num_threads(count)`` unless this thread already set it. The call takes two locks,
+    one of them process-wide, and cost about 30 us in the middle of a training step (1 us alone),
+    four times per step of the MLP benchmark. A team size set by other code in between goes
+    unnoticed; that changes the speed of a kernel, never its result."""
+    if _numba_threads.count != count:
+        numba.set_num_threads(count)
+        _numba_threads.count = count
