@@ -226,20 +226,6 @@ def masked_bits(x, out, bits, kind, a, b, c):
 
 
 @njit(parallel=True, cache=True)
-def relu_dropout_grad(grad, out, grad_in, a, c):
-    """Backward of ReLU+dropout from its output alone: ``grad / a`` where ``out > 0``, else ``c`` (0)."""
-    n = grad.size
-    for blk in prange((n + BLOCK - 1) // BLOCK):
-        start = blk * BLOCK
-        m = min(BLOCK, n - start)
-        g = grad[start:start + m]
-        o = out[start:start + m]
-        r = grad_in[start:start + m]
-        for i in range(m):
-            _store(r, i, c if _load(o, i) <= c else _load(g, i) / a)
-
-
-@njit(parallel=True, cache=True)
 def keep_mask(out, k0, k1, offset, thr):
     """The boolean keep mask (draw >= thr) of ``out.size`` elements."""
     n = out.size
