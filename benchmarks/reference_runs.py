@@ -68,16 +68,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", choices=list(RUNS), default=list(RUNS))
     parser.add_argument("--out", type=Path, default=Path("runs/reference"))
+    parser.add_argument("--seed", type=int, default=None,
+                        help="run with this seed instead of each config's own (0); names get a -seedN suffix")
     args = parser.parse_args()
     summary_path = args.out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     for name in args.only:
         config, target = RUNS[name]
+        if args.seed is not None:
+            config, name = replace(config, seed=args.seed), f"{name}-seed{args.seed}"
         start = time.perf_counter()
         result = train(config, args.out / name, resume=True, quiet=True)
         best = result.best_val or {}  # runs fitted on all training examples have no validation set
         record = {
-            "name": name, "target": target, "model": config.model, "dataset": config.dataset,
+            "name": name, "target": target, "model": config.model, "dataset": config.dataset, "seed": config.seed,
             "epochs": len(result.history), "final_test_acc": result.final["test_acc"],
             "final_train_acc": result.final["train_acc"], "best_val_epoch": best.get("epoch"),
             "best_val_acc": best.get("val_acc"), "test_acc_at_best_val": best.get("test_acc"),
