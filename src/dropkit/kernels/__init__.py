@@ -146,8 +146,8 @@ def run_parallel(work: int, kernel, *args) -> None:
     with another process can hold it up for a scheduler time slice, so tiny inputs run on the
     calling thread. torch's own workers are no such risk: numba's OpenMP layer runs on the same
     OpenMP runtime and the same pool threads, which are awake right after torch's last op. In the
-    MLP step (2**18-element activations) two threads made the dropout step 1.035-1.045x the step
-    without dropout, against 1.04-1.085x on one (``BENCHMARKS.md``).
+    MLP step (2**18-element activations) two threads made the dropout step 1.033-1.045x the step
+    without dropout, against 1.039-1.085x on one (seven runs each).
 
     numba's team size is set only when it changes (:func:`_set_numba_threads`). Starting numba's
     pool resets the shared runtime's thread count: without the restore below, the first large
