@@ -178,6 +178,20 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path):
         train(TrainConfig(**SMALL, schedule="cosine"), cosine, resume=True, quiet=True)
 
 
+def test_a_checkpoint_from_before_a_config_field_existed_resumes_with_its_default(tmp_path):
+    config = TrainConfig(**{**SMALL, "epochs": 1})
+    train(config, tmp_path, quiet=True)
+    path = tmp_path / training.CHECKPOINT
+    state = torch.load(path, weights_only=True)
+    for newer in ("inputs", "momentum_ramp", "momentum_start"):
+        del state["config"][newer]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"inputs: 'standard' -> 'unit'"):
+        train(dataclasses.replace(config, epochs=2, inputs="unit"), tmp_path, resume=True, quiet=True)
+    resumed = train(dataclasses.replace(config, epochs=2), tmp_path, resume=True, quiet=True)
+    assert [row["epoch"] for row in resumed.history] == [1, 2]
+
+
 @pytest.mark.parametrize(
     ("settings", "lrs"),
     [

@@ -57,6 +57,7 @@ from dropkit.schedule import CurriculumRamp, EarlyDropout, LateDropout, OverfitC
 
 __all__ = [
     "ADAPTIVE_START_P",
+    "INPUTS",
     "OPTIMIZERS",
     "SCHEDULES",
     "TrainConfig",
@@ -68,6 +69,7 @@ __all__ = [
     "load_splits",
     "model_p",
     "peak_rss_mib",
+    "ramped_momentum",
     "train",
 ]
 
@@ -418,11 +420,13 @@ def _write_text(path: Path, text: str) -> None:
 
 def _check_resumable(saved: dict[str, Any], done: int, config: TrainConfig) -> None:
     """A checkpoint may only be continued with the config it was made with (``epochs`` may grow
-    when no schedule spans it: with ``planned_epochs`` set, or without cosine and curriculum)."""
-    new = config.to_dict()
-    differ = sorted(k for k in new if k != "epochs" and new[k] != saved.get(k))
+    when no schedule spans it: with ``planned_epochs`` set, or without cosine and curriculum).
+    A field that an older dropkit did not save ran with its default, and is compared as such."""
+    new, default = config.to_dict(), TrainConfig().to_dict()
+    saved = {**default, **saved}
+    differ = sorted(k for k in new if k != "epochs" and new[k] != saved[k])
     if differ:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {new[k]!r}" for k in differ)
+        detail = ", ".join(f"{k}: {saved[k]!r} -> {new[k]!r}" for k in differ)
         raise ValueError(f"cannot resume: the checkpoint was made with other settings ({detail})")
     if done > config.epochs:
         raise ValueError(f"cannot resume: the checkpoint already holds {done} epochs, more than epochs={config.epochs}")
