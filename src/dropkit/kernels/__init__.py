@@ -172,9 +172,9 @@ _numba_threads = _NumbaThreads()
 
 def _set_numba_threads(count: int) -> None:
     """``numba.set_num_threads(count)`` unless this thread already set it. The call takes two locks,
-    one of them process-wide, and cost about 30 us in the middle of a training step (1 us alone),
-    four times per step of the MLP benchmark. A team size set by other code in between goes
-    unnoticed; that changes the speed of a kernel, never its result."""
+    one of them process-wide, and cost about 30 us before every kernel in the middle of a training
+    step (1 us alone). A team size set by other code in between goes unnoticed; that changes the
+    speed of a kernel, never its result."""
     if _numba_threads.count != count:
         numba.set_num_threads(count)
         _numba_threads.count = count
