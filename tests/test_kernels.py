@@ -171,6 +171,24 @@ def test_one_and_two_threads_give_identical_results(monkeypatch):
     assert torch.equal(first[1], second[1]) and torch.equal(first[3], second[3])
 
 
+def test_numba_team_size_is_set_only_when_it_changes(monkeypatch):
+    calls = []
+    monkeypatch.setattr(numba, "set_num_threads", calls.append)
+    monkeypatch.setattr(kernels, "_numba_threads", type(kernels._numba_threads)())  # a fresh per-thread record
+    for count in (2, 2, 1, 1, 2):
+        kernels._set_numba_threads(count)
+    assert calls == [2, 1, 2]
+
+
+def test_the_layer_sized_activations_of_the_step_benchmark_use_both_threads(monkeypatch):
+    counts = []
+    monkeypatch.setattr(kernels, "_set_numba_threads", counts.append)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    kernels.masked(torch.ones(256, 1024), 1, 0.5, "relu_dropout")
+    kernels.masked(torch.ones(2**17 - 1), 1, 0.5, "dropout")
+    assert counts == [min(2, numba.config.NUMBA_NUM_THREADS), 1]
+
+
 def test_cache_falls_back_to_a_writable_directory(monkeypatch, tmp_path):
     monkeypatch.setattr(numba.config, "CACHE_DIR", "")
     monkeypatch.setattr(cpu.os, "access", lambda path, mode: False)
