@@ -13,9 +13,10 @@ depend on the heap's history more than on dropout.
 :func:`retain_freed_memory` fixes both thresholds (32 MiB for mmap, 1 GiB for trimming), so
 blocks below 32 MiB come from the heap and freed memory stays mapped for reuse. The process then
 keeps its peak heap, which a training process reaches every step anyway. It is a process-wide
-choice, so the library never makes it on import: the ``dropkit`` command does, and so do its
-data-parallel workers, through the environment variable ``DROPKIT_HEAP`` (``retain`` or
-``default``; the command sets ``retain`` unless it is set already). PyTorch's CPU tuning guides
+choice, so the library never makes it on import: the ``dropkit`` command does, and so do the
+processes it starts (data-parallel ranks, isolated ``compare`` runs, sweep workers), through the
+environment variable ``DROPKIT_HEAP`` (``retain`` or ``default``; the command sets ``retain``
+unless it is set already). PyTorch's CPU tuning guides
 reach the same end by preloading jemalloc or tcmalloc.
 """
 
