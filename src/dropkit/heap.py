@@ -7,8 +7,7 @@ step allocates and frees the same megabyte-sized activations and gradients every
 these defaults a step can give its memory back at the end and page-fault it in again at the next
 one. Measured on the 2-core VM (784-1024-1024-10 MLP, batch 256, one thread; ``BENCHMARKS.md``):
 about 1,400 minor page faults and 3 ms of system time per step with dropout (torch's or
-dropkit's), against 40-170 faults without, which made the dropout-over-no-dropout step ratio
-depend on the heap's history more than on dropout.
+dropkit's), against 40-170 faults without; 0-30 with the memory kept.
 
 :func:`retain_freed_memory` fixes both thresholds (32 MiB for mmap, 1 GiB for trimming), so
 blocks below 32 MiB come from the heap and freed memory stays mapped for reuse. The process then
@@ -16,8 +15,8 @@ keeps its peak heap, which a training process reaches every step anyway. It is a
 choice, so the library never makes it on import: the ``dropkit`` command does, and so do the
 processes it starts (data-parallel ranks, isolated ``compare`` runs, sweep workers), through the
 environment variable ``DROPKIT_HEAP`` (``retain`` or ``default``; the command sets ``retain``
-unless it is set already). PyTorch's CPU tuning guides
-reach the same end by preloading jemalloc or tcmalloc.
+unless it is set already). PyTorch's CPU tuning guides reach the same end by preloading jemalloc
+or tcmalloc.
 """
 
 from __future__ import annotations
