@@ -493,9 +493,10 @@ def train(
         torch.manual_seed(rng.derive_seed(config.seed, MASK_STREAM, rank, epoch))
         hooks.epoch, hooks.first_step = epoch - 1, (epoch - 1) * len(batches)
         lr = optimizer.param_groups[0]["lr"]
+        momentum = ramped_momentum(config, epoch)
         if config.momentum_ramp > 0:
             for group in optimizer.param_groups:
-                group["momentum"] = ramped_momentum(config, epoch)
+                group["momentum"] = momentum
         start = time.perf_counter()
         with _progress(len(batches), f"epoch {epoch}/{config.epochs}", quiet or not main) as bar:
             fit = _train_epoch(net, batches, optimizer, hooks, bar)
@@ -505,7 +506,7 @@ def train(
         row = _epoch_row(epoch, _current_rate(config, model, callback, rate), lr, fit,
                          _evaluate_all(model, train_split.head(TRAIN_EVAL_SIZE), val_split, test_split), seconds)
         if config.momentum_ramp > 0:
-            row["momentum"] = ramped_momentum(config, epoch)
+            row["momentum"] = momentum
         if config.rate == "concrete":
             row["concrete_p"] = concrete_rates(model)
         history.append(row)
