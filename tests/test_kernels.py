@@ -8,6 +8,7 @@ odd sizes, non-contiguous inputs, thread counts, dtypes, torch.compile and check
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 
 import numba
@@ -174,7 +175,7 @@ def test_one_and_two_threads_give_identical_results(monkeypatch):
 def test_numba_team_size_is_set_only_when_it_changes(monkeypatch):
     calls = []
     monkeypatch.setattr(numba, "set_num_threads", calls.append)
-    monkeypatch.setattr(kernels, "_numba_threads", type(kernels._numba_threads)())  # a fresh per-thread record
+    monkeypatch.setattr(kernels, "_numba_threads", threading.local())  # a fresh per-thread record
     for count in (2, 2, 1, 1, 2):
         kernels._set_numba_threads(count)
     assert calls == [2, 1, 2]

@@ -161,13 +161,8 @@ def run_parallel(work: int, kernel, *args) -> None:
         torch.set_num_threads(threads)
 
 
-class _NumbaThreads(threading.local):
-    """The team size this Python thread last gave numba (numba's setting is per thread too)."""
-
-    count = 0
-
-
-_numba_threads = _NumbaThreads()
+#: ``count``: the team size this Python thread last gave numba (numba's setting is per thread too)
+_numba_threads = threading.local()
 
 
 def _set_numba_threads(count: int) -> None:
@@ -175,6 +170,6 @@ def _set_numba_threads(count: int) -> None:
     one of them process-wide, and cost about 30 us before every kernel in the middle of a training
     step (1 us alone). A team size set by other code in between goes unnoticed; that changes the
     speed of a kernel, never its result."""
-    if _numba_threads.count != count:
+    if getattr(_numba_threads, "count", 0) != count:
         numba.set_num_threads(count)
         _numba_threads.count = count
