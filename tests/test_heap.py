@@ -11,6 +11,7 @@ import pytest
 
 from dropkit import heap
 from dropkit.cli import main
+from dropkit.train import TrainConfig, train
 
 #: SGD steps of a 784-1024-1024-10 MLP with torch's dropout: minor page faults per step after 10 warm-up steps
 STEP_FAULTS = textwrap.dedent("""
@@ -89,3 +90,16 @@ def test_the_command_retains_unless_told_otherwise(monkeypatch, capsys):
     monkeypatch.setenv(heap.ENV, "bogus")
     assert main(["train", "--resume"]) == 2
     assert "DROPKIT_HEAP must be one of retain, default" in capsys.readouterr().err
+
+
+def test_train_applies_the_variable_in_the_process_it_runs_in(monkeypatch):
+    """What DDP ranks, isolated compare runs and sweep workers rely on: they all train through train()."""
+    calls = []
+    monkeypatch.setattr(heap, "retain_freed_memory", lambda: calls.append(1) or True)
+    config = TrainConfig(epochs=1, limit_train=64, limit_test=64, val_size=64, batch_size=32)
+    monkeypatch.setenv(heap.ENV, "default")
+    train(config, quiet=True)
+    assert calls == []
+    monkeypatch.setenv(heap.ENV, "retain")
+    train(config, quiet=True)
+    assert calls == [1]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dropkit import distributed, heap
+from dropkit import distributed
 from dropkit.models import MODELS
 from dropkit.train import TrainConfig, train
 
@@ -70,7 +70,6 @@ def reg_settings(model: str, regs: list[str], *, p: float, l2: float, max_norm: 
 
 
 def _run_one(config: TrainConfig, out_dir: str, resume: bool) -> dict[str, Any]:
-    heap.configure()  # in a spawned process: the parent's DROPKIT_HEAP
     result = train(config, out_dir, resume=resume, quiet=True)
     return {"history": result.history, "summary": result.summary()}
 

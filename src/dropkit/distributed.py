@@ -33,8 +33,6 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from dropkit import heap
-
 #: how long a collective waits for a missing peer before failing the job
 COLLECTIVE_TIMEOUT = timedelta(seconds=45)
 #: how often the launcher checks its workers (seconds): a dead rank is noticed this fast
@@ -113,7 +111,6 @@ class WorkerFailed(RuntimeError):
 @record
 def _worker(fn: Callable[..., T], args: tuple[Any, ...], failure_dir: str) -> T:
     share_cores()
-    heap.configure()  # the parent's DROPKIT_HEAP, e.g. the dropkit command's "retain"
     try:
         with process_group():
             return fn(*args)

@@ -12,10 +12,11 @@ dropkit's), against 40-170 faults without; 0-30 with the memory kept.
 :func:`retain_freed_memory` fixes both thresholds (32 MiB for mmap, 1 GiB for trimming), so
 blocks below 32 MiB come from the heap and freed memory stays mapped for reuse. The process then
 keeps its peak heap, which a training process reaches every step anyway. It is a process-wide
-choice, so the library never makes it on import: the ``dropkit`` command does, and so do the
-processes it starts (data-parallel ranks, isolated ``compare`` runs, sweep workers), through the
-environment variable ``DROPKIT_HEAP`` (``retain`` or ``default``; the command sets ``retain``
-unless it is set already). PyTorch's CPU tuning guides reach the same end by preloading jemalloc
+choice, so the library never makes it on import. The ``dropkit`` command sets the environment
+variable ``DROPKIT_HEAP`` (``retain`` unless it is set already; ``default`` keeps glibc as it is)
+and applies it; :func:`dropkit.train.train` applies it too, so every process the command starts
+to train (data-parallel ranks, isolated ``compare`` runs, sweep workers) follows it, while a
+script that calls ``train`` without the variable gets glibc's behaviour. PyTorch's CPU tuning guides reach the same end by preloading jemalloc
 or tcmalloc.
 """
 

@@ -120,7 +120,7 @@ from optuna.storages import JournalStorage  # noqa: E402
 from optuna.storages.journal import JournalFileBackend  # noqa: E402
 from optuna.trial import FrozenTrial, Trial, TrialState  # noqa: E402
 
-from dropkit import distributed, heap, rng  # noqa: E402
+from dropkit import distributed, rng  # noqa: E402
 from dropkit.models import MODELS  # noqa: E402
 from dropkit.train import CHECKPOINT, TrainConfig, train  # noqa: E402
 
@@ -790,9 +790,7 @@ def _fmt(value: float) -> str:
 
 
 def _worker_main(cfg: SweepConfig, worker: int, train_fn: TrainFn) -> None:
-    """Entry point of a spawned worker: share the machine's cores with the other workers, and keep
-    the parent's heap choice (``DROPKIT_HEAP``)."""
-    heap.configure()
+    """Entry point of a spawned worker: share the machine's cores with the other workers."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(max(1, cores // cfg.workers))
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -48,7 +48,7 @@ from torch import nn
 from tqdm import tqdm
 
 import dropkit
-from dropkit import distributed, rng
+from dropkit import distributed, heap, rng
 from dropkit.concrete import concrete_rates, concrete_regularisation, regularizer_weights, to_concrete
 from dropkit.convert import fuse_relu_dropout
 from dropkit.data import BatchIterator, Split, load_dataset, normalise, split_validation
@@ -453,6 +453,7 @@ def train(
     reads the checkpoint when resuming.
     """
     config.validate()
+    heap.configure()  # DROPKIT_HEAP, which the dropkit command passes to every process that trains
     if resume and out_dir is None:
         raise ValueError("resume needs an output folder (out_dir) holding the run's checkpoint")
     rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
