@@ -249,9 +249,9 @@ def test_relu_dropout_eager_path_equals_the_custom_ops_and_supports_double_backw
     y = ops.relu_dropout(x, p, seed)
     assert_bitwise_equal(y, ops._relu_dropout(x.detach(), seed, p))
     (gx,) = torch.autograd.grad(y, x, grad, create_graph=True)
-    assert_bitwise_equal(gx, ops._relu_dropout_grad(grad.detach(), y.detach(), p))
+    assert_bitwise_equal(gx, kernels.relu_dropout_grad(grad.detach(), y.detach(), p))
     (ggrad,) = torch.autograd.grad(gx.sum(), grad)  # linear in grad: the same cut mask again
-    assert_bitwise_equal(ggrad, ops._relu_dropout_grad(torch.ones(4099, dtype=torch.float64), y.detach(), p))
+    assert_bitwise_equal(ggrad, kernels.relu_dropout_grad(torch.ones(4099, dtype=torch.float64), y.detach(), p))
     assert torch.autograd.gradgradcheck(lambda t: ops._relu_dropout(t, seed, p), (x.detach()[:50].requires_grad_(),))
 
 

@@ -95,16 +95,9 @@ def _relu_dropout(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor
     return kernels.masked(x, int(seed), p, "relu_dropout")[0]
 
 
-@torch.library.custom_op("dropkit::relu_dropout_grad", mutates_args=())
-def _relu_dropout_grad(grad: torch.Tensor, out: torch.Tensor, p: float) -> torch.Tensor:
-    """The gradient of :func:`_relu_dropout` from its output: ``out > 0 ? grad / (1 - p) : 0``."""
-    return kernels.relu_dropout_grad(grad, out, p)
-
-
 @_masked.register_fake
 @_masked_from_bits.register_fake
 @_relu_dropout.register_fake
-@_relu_dropout_grad.register_fake
 def _masked_fake(x, *_):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
@@ -136,7 +129,7 @@ def _save_seed_and_kind(ctx, inputs, output) -> None:
 
 
 def _save_second_input_and_p(ctx, inputs, output) -> None:
-    """For ops called as ``(tensor, kept, p)``: keep ``kept`` (a seed, or relu_dropout's output) and ``p``."""
+    """For ops called as ``(tensor, seed, p)``: keep the seed and ``p``."""
     _, kept, ctx.p = inputs
     ctx.save_for_backward(kept)
 
@@ -172,14 +165,14 @@ def _save_output_and_p(ctx, inputs, output) -> None:
 
 
 def _relu_dropout_backward(ctx, grad):
+    """torch's own ReLU gradient, scaled (no mask needed): plain torch ops, so a compiled graph
+    traces them and double backward differentiates them like any other."""
     (out,) = ctx.saved_tensors
-    return _relu_dropout_grad(grad, out, ctx.p), None, None
+    return kernels.relu_dropout_grad(grad, out, ctx.p), None, None
 
 
 _masked.register_autograd(_masked_backward, setup_context=_save_seed_and_kind)
 _relu_dropout.register_autograd(_relu_dropout_backward, setup_context=_save_output_and_p)
-# the gradient op is linear in grad with the same mask, so it is its own gradient (double backward)
-_relu_dropout_grad.register_autograd(_relu_dropout_backward, setup_context=_save_second_input_and_p)
 _masked_save_bits.register_autograd(_from_bits_backward, setup_context=_save_bits)
 _masked_from_bits.register_autograd(_from_bits_backward, setup_context=_save_given_bits)
 _gaussian.register_autograd(_gaussian_backward, setup_context=_save_second_input_and_p)
@@ -229,24 +222,8 @@ class _EagerReluDropout(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (out,) = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: the gradient must itself be differentiable
-            return _EagerReluDropoutGrad.apply(grad, out, ctx.p), None, None
+        # torch ops: with create_graph, autograd differentiates them itself (double backward)
         return kernels.relu_dropout_grad(grad, out, ctx.p), None, None
-
-
-class _EagerReluDropoutGrad(torch.autograd.Function):
-    """``dropkit::relu_dropout_grad`` outside ``torch.compile``; its own gradient in ``grad``."""
-
-    @staticmethod
-    def forward(ctx, grad: torch.Tensor, out: torch.Tensor, p: float) -> torch.Tensor:
-        ctx.p = p
-        ctx.save_for_backward(out)
-        return kernels.relu_dropout_grad(grad, out, p)
-
-    @staticmethod
-    def backward(ctx, grad_grad: torch.Tensor):
-        (out,) = ctx.saved_tensors
-        return _EagerReluDropoutGrad.apply(grad_grad, out, ctx.p), None, None
 
 
 def _eager_kernel(x: torch.Tensor) -> bool:
