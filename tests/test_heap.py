@@ -103,3 +103,45 @@ def test_train_applies_the_variable_in_the_process_it_runs_in(monkeypatch):
     monkeypatch.setenv(heap.ENV, "retain")
     train(config, quiet=True)
     assert calls == [1]
+
+
+def _huge_kib_at(address: int) -> int:
+    """AnonHugePages (KiB) of the mapping of this process that holds ``address`` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps", encoding="ascii") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "AnonHugePages:":
+                return int(line.split()[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(heap._madvise() is None, reason="needs Linux with transparent huge pages in madvise mode")
+def test_large_kernel_outputs_are_written_into_huge_pages():
+    import torch
+
+    from dropkit import kernels
+
+    x = torch.randn(heap.HUGE_PAGE_MIN_BYTES // 4 * 2)  # 64 MiB of float32: a fresh mmap of its own
+    plain = torch.empty_like(x).copy_(x)
+    out, _ = kernels.masked(x, 3, 0.5, "dropout")
+    # the advised output's 2 MiB pages came in as huge pages (the kernel may fall back to small pages
+    # where it finds no free 2 MiB of physical memory, so half of them is the bar); a plain torch
+    # output of the same size, written the same way, got none
+    assert _huge_kib_at(out.data_ptr() + out.nbytes // 2) >= out.nbytes // 2 // 1024
+    assert _huge_kib_at(plain.data_ptr() + plain.nbytes // 2) == 0
+    keep = kernels.reference.keep_mask(3, 0.5, tuple(x.shape))
+    assert torch.equal(out, kernels.reference.masked(x, keep, "dropout", 0.5))
+
+
+def test_small_and_non_cpu_outputs_are_plain_empty_like():
+    import torch
+
+    x = torch.randn(3, 5).t()  # non-contiguous: the output is contiguous, as the kernels need
+    out = heap.huge_page_empty_like(x)
+    assert out.shape == x.shape and out.dtype == x.dtype and out.is_contiguous()
+    meta = heap.huge_page_empty_like(torch.empty(2**24, device="meta"))
+    assert meta.device.type == "meta" and meta.shape == (2**24,)
