@@ -47,9 +47,9 @@ def sample(n: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("offset", [0, 5, 2**32 - 3])  # the last one carries into the counter's high word
 @pytest.mark.parametrize("seed", [0, BIG_SEED])
-def test_keep_mask_kernel_reproduces_the_u16_stream(seed, offset):
+def test_keep_mask_kernel_reproduces_the_uniform_stream_at_every_width(seed, offset):
     for n in SIZES:
-        for p in (0.0, 0.1, 0.5, 0.999, 1.0):
+        for p in (0.0, 0.1, 0.5, 0.25, 0.125, 1 / 256, 0.999, 1.0):  # widths 1, 16, 1, 2, 4, 8, 16, 1
             expected = reference.keep_mask(seed, p, (n,), offset)
             assert torch.equal(kernels.keep_mask(seed, p, (n,), offset), expected), (n, p)
 
@@ -59,7 +59,7 @@ def test_keep_mask_kernel_reproduces_the_u16_stream(seed, offset):
 def test_masked_kernels_equal_reference_in_both_modes(dtype, kind):
     for n in SIZES:
         x = sample(n, dtype, seed=n)
-        for p in (0.1, 0.5, 0.77):
+        for p in (0.1, 0.5, 0.77, 0.25, 0.125, 1 / 256):  # every draw width
             keep = reference.keep_mask(BIG_SEED, p, (n,))
             expected = reference.masked(x, keep, kind, p)
             out, bits = kernels.masked(x, BIG_SEED, p, kind, save_bits=True)
@@ -117,17 +117,19 @@ def test_gaussian_kernel_within_rounding_of_reference(dtype):
 
 # --- statistics ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9, 0.25, 0.125])  # draw widths 16, 1, 16, 2, 4
 @pytest.mark.parametrize("seed", [1, 2, BIG_SEED])
 def test_drop_fraction_within_binomial_bounds_in_every_lane(p, seed):
     n = 2**20
     keep = kernels.keep_mask(seed, p, (n,))
     q = rng.threshold(p) / rng.THRESHOLD_SCALE
     assert abs(int((~keep).sum()) - n * q) <= binomial_bound(n, q)
-    # each of the 8 elements served by one Philox call (the 16-bit lanes) drops at the same rate
-    for lane in range(rng.U16_PER_COUNTER):
-        dropped = int((~keep[lane::8]).sum())
-        assert abs(dropped - n / 8 * q) <= binomial_bound(n // 8, q)
+    # each of the elements served by one Philox call (its lanes: 8 of 16 bits, ..., 128 of 1 bit)
+    # drops at the same rate
+    lanes = rng.BITS_PER_COUNTER // rng.keep_threshold(p)[0]
+    for lane in range(lanes):
+        dropped = int((~keep[lane::lanes]).sum())
+        assert abs(dropped - n / lanes * q) <= binomial_bound(n // lanes, q)
     # neighbours are independent: both dropped with probability q**2
     both = int((~keep[:-1] & ~keep[1:]).sum())
     assert abs(both - (n - 1) * q * q) <= binomial_bound(n - 1, q * q) * 2  # x2: overlapping pairs

@@ -1,5 +1,6 @@
-"""The counter-based stream: Philox4x32-10 against Random123's known answers, and the u16 layout."""
+"""The counter-based stream: Philox4x32-10 against Random123's known answers, and the mask streams' layout."""
 
+import pytest
 import torch
 
 from dropkit import rng
@@ -22,27 +23,50 @@ def test_counter_and_seed_split_into_words():
     assert words == _block((9, 5, 0, 0), (3, 7))
 
 
-def test_u16_layout_takes_eight_values_per_counter_low_half_first():
+def test_width_16_layout_takes_eight_values_per_counter_low_half_first():
     seed, offset = 1234, 10
-    values = rng.uniform16(seed, offset, 20)
+    values = rng.uniform(seed, offset, 20, 16)
     for i in range(20):
         words = rng.philox4x32(torch.tensor([offset + i // 8]), seed)
         word = int(words[(i // 2) % 4])
         assert int(values[i]) == (word >> (16 * (i % 2))) & 0xFFFF
 
 
-def test_u16_stream_is_a_pure_function_of_seed_offset_index():
-    whole = rng.uniform16(99, 0, 64)
-    assert torch.equal(rng.uniform16(99, 4, 32), whole[32:])
-    assert not torch.equal(rng.uniform16(98, 0, 64), whole)
+@pytest.mark.parametrize("width", rng.DRAW_WIDTHS)
+def test_every_width_reads_the_128_bits_of_a_counter_low_bits_first(width):
+    seed, offset, per_counter = 77, 3, 128 // width
+    values = rng.uniform(seed, offset, 3 * per_counter + 5, width)
+    for i in range(len(values)):
+        words = [int(w) for w in rng.philox4x32(torch.tensor([offset + i // per_counter]), seed)]
+        bits = sum(w << (32 * k) for k, w in enumerate(words))  # the four words end to end, word 0 lowest
+        assert int(values[i]) == (bits >> (width * (i % per_counter))) & ((1 << width) - 1)
 
 
-def test_u16_values_are_uniform():
-    n = 1 << 18
-    counts = torch.bincount(rng.uniform16(5, 0, n) >> 12, minlength=16).double()
-    expected = n / 16
+@pytest.mark.parametrize("width", rng.DRAW_WIDTHS)
+def test_stream_is_a_pure_function_of_seed_offset_index(width):
+    per_counter = 128 // width
+    whole = rng.uniform(99, 0, 8 * per_counter, width)
+    assert torch.equal(rng.uniform(99, 4, 4 * per_counter, width), whole[4 * per_counter:])
+    assert not torch.equal(rng.uniform(98, 0, 8 * per_counter, width), whole)
+
+
+@pytest.mark.parametrize("width", rng.DRAW_WIDTHS)
+def test_values_are_uniform(width):
+    n, bins = 1 << 18, min(16, 1 << width)
+    counts = torch.bincount(rng.uniform(5, 0, n, width) >> (width - bins.bit_length() + 1), minlength=bins).double()
+    expected = n / bins
     chi2 = float(((counts - expected) ** 2 / expected).sum())
-    assert chi2 < 37.7  # chi-square, 15 degrees of freedom, p = 0.001
+    assert chi2 < {1: 10.83, 3: 16.27, 15: 37.7}[bins - 1]  # chi-square upper quantiles at p = 0.001
+
+
+@pytest.mark.parametrize(("p", "width"), [(0.0, 1), (0.5, 1), (1.0, 1), (0.25, 2), (0.75, 2), (0.125, 4),
+                                          (0.375, 4), (1 / 256, 8), (0.1, 16), (0.3, 16), (1 / 65536, 16)])
+def test_keep_threshold_spends_the_fewest_bits_that_keep_the_quantised_rate(p, width):
+    got_width, thr = rng.keep_threshold(p)
+    assert got_width == width
+    assert thr / 2**width == rng.threshold(p) / rng.THRESHOLD_SCALE  # the same drop probability
+    with pytest.raises(ValueError, match="width must be one of"):
+        rng.uniform(0, 0, 4, 3)
 
 
 def test_normal_stream_moments():

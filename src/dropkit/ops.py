@@ -234,7 +234,7 @@ def _eager_kernel(x: torch.Tensor) -> bool:
 # --- the primitives functional.py calls ------------------------------------------------------------
 
 def keep_mask(seed: torch.Tensor, p: float, shape: tuple[int, ...]) -> torch.Tensor:
-    """Boolean keep mask of ``shape``: element i is kept iff its u16 draw >= threshold(p)."""
+    """Boolean keep mask of ``shape``: element i is kept iff its draw >= the threshold (see dropkit.rng)."""
     return _keep_mask(seed, p, list(shape))
 
 

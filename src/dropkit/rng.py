@@ -10,15 +10,21 @@ backward pass regenerate the forward mask from 8 bytes instead of keeping it, le
 Stream layouts (shared by the reference and the compiled kernels; they are the contract):
 
 * key: ``k0 = seed & 0xFFFFFFFF``, ``k1 = seed >> 32`` (seed in [0, 2**63)).
-* ``u16`` (keep masks): element ``i`` reads counter ``offset + i // 8``; of the four 32-bit words
-  it takes word ``(i // 2) % 4`` and of that the low half for even ``i``, the high half for odd
-  ``i``. One Philox call thus serves 8 elements. A unit is dropped iff its 16-bit value is below
-  ``threshold(p) = round(p * 65536)``, i.e. p is quantised to a multiple of 2**-16 (at most
-  7.6e-6 away from the p asked for; ``p`` itself is still used for the 1/(1-p) scale).
+* ``uniform`` (keep masks): a mask spends ``w`` bits per element, the fewest of 1, 2, 4, 8 and 16
+  that hold its drop threshold exactly (:func:`keep_threshold`: 1 bit at p = 0.5, 2 at 0.25 and
+  0.75, 16 at p = 0.1). One Philox call gives 128 bits, i.e. ``128 / w`` elements: element ``i``
+  reads counter ``offset + i // (128 / w)`` and, with the four 32-bit output words laid end to end
+  (word 0 lowest), the ``w`` bits from bit ``w * (i % (128 / w))``. At ``w = 16`` that is 8
+  elements per counter, element ``i`` taking word ``(i // 2) % 4`` and of that the low half for
+  even ``i``, the high half for odd ``i``. A unit is dropped iff its ``w``-bit value is below
+  ``threshold(p) >> (16 - w)``, where ``threshold(p) = round(p * 65536)``: p is quantised to a
+  multiple of 2**-16 (at most 7.6e-6 away from the p asked for; ``p`` itself is still used for the
+  1/(1-p) scale), and ``w`` only decides how many random bits that quantised rate needs. Spending
+  1 bit instead of 16 at p = 0.5 makes the mask's Philox work 16 times smaller.
 * ``normal`` (Gaussian noise): element ``i`` reads counter ``offset + i // 2`` and takes words
   ``2 * (i % 2)`` and ``2 * (i % 2) + 1`` as u1, u2 for one Box-Muller draw.
 
-The counter's high word ``c1`` carries ``(offset + i // 8) >> 32``; ``c2 = c3 = 0``. For counters
+The counter's high word ``c1`` carries the counter's bits above 32; ``c2 = c3 = 0``. For counters
 below 2**32 this is exactly ``tl.randint4x(seed, counter)``.
 
 Seeds: an op called without ``seed`` draws a fresh 63-bit seed from torch's generator (the
@@ -40,8 +46,11 @@ PHILOX_W0 = 0x9E3779B9
 PHILOX_W1 = 0xBB67AE85
 PHILOX_ROUNDS = 10
 SEED_BOUND = 2**63 - 1
-U16_PER_COUNTER = 8
 THRESHOLD_SCALE = 65536
+#: bits per element a keep mask may spend (see :func:`keep_threshold`); each divides 32
+DRAW_WIDTHS = (1, 2, 4, 8, 16)
+#: random bits one Philox call gives
+BITS_PER_COUNTER = 128
 
 
 def manual_seed(seed: int, rank: int = 0) -> None:
@@ -82,8 +91,20 @@ def check_seed(seed: int) -> None:
 
 
 def threshold(p: float) -> int:
-    """The 16-bit drop threshold for probability ``p``: a unit drops iff its u16 value < threshold."""
+    """The 16-bit drop threshold for probability ``p``: ``p`` quantised to a multiple of 2**-16, times 2**16."""
     return int(round(p * THRESHOLD_SCALE))
+
+
+def keep_threshold(p: float) -> tuple[int, int]:
+    """``(width, thr)`` of a keep mask at drop rate ``p``: each element spends ``width`` random bits
+    (the fewest of :data:`DRAW_WIDTHS` that represent :func:`threshold` exactly) and drops iff its
+    ``width``-bit value is below ``thr``. The drop probability is ``threshold(p) / 2**16`` whatever
+    the width."""
+    full = threshold(p)
+    for width in DRAW_WIDTHS:
+        if full % (1 << (16 - width)) == 0:
+            return width, full >> (16 - width)
+    raise AssertionError("unreachable: width 16 divides every threshold")
 
 
 def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,12 +146,15 @@ def philox4x32_block(
     return c0, c1, c2, c3
 
 
-def uniform16(seed: int, offset: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The ``u16`` stream: ``numel`` 16-bit values (int64 tensor) for elements 0..numel-1."""
-    n_counters = -(-numel // U16_PER_COUNTER)
+def uniform(seed: int, offset: int, numel: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The ``uniform`` stream of ``width``-bit values (int64 tensor) for elements 0..numel-1."""
+    if width not in DRAW_WIDTHS:
+        raise ValueError(f"width must be one of {DRAW_WIDTHS}, got {width}")
+    n_counters = -(-numel * width // BITS_PER_COUNTER)
     words = torch.stack(philox4x32(torch.arange(n_counters, device=device) + offset, seed), dim=1)
-    halves = torch.stack((words & 0xFFFF, words >> 16), dim=2)  # (counter, word, half)
-    return halves.reshape(-1)[:numel]
+    shifts = torch.arange(0, 32, width, device=device)
+    values = (words[:, :, None] >> shifts) & ((1 << width) - 1)  # (counter, word, value), low bits first
+    return values.reshape(-1)[:numel]
 
 
 def normal(seed: int, offset: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -65,7 +65,7 @@ def masked(
     a, b, c = _constants(kind, p, x.dtype)
     k0, k1 = _key(seed)
     run_parallel(x.numel(), cpu.masked_seed, _array(x), _array(out), _NO_BITS if bits is None else bits.numpy(),
-                 k0, k1, offset, rng.threshold(p), _KIND_CODES[kind], a, b, c, save_bits)
+                 k0, k1, offset, *rng.keep_threshold(p), _KIND_CODES[kind], a, b, c, save_bits)
     return out, bits
 
 
@@ -117,7 +117,7 @@ def keep_mask(
         return reference.keep_mask(seed, p, shape, offset, device)
     out = torch.empty(shape, dtype=torch.bool)
     k0, k1 = _key(seed)
-    run_parallel(out.numel(), cpu.keep_mask, out.numpy().reshape(-1), k0, k1, offset, rng.threshold(p))
+    run_parallel(out.numel(), cpu.keep_mask, out.numpy().reshape(-1), k0, k1, offset, *rng.keep_threshold(p))
     return out
 
 

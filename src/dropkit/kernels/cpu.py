@@ -8,12 +8,13 @@ reference's arithmetic bit for bit; Gaussian noise is the exception noted below.
 
 Why this shape. torch's CPU dropout draws one float per element and makes three passes over the
 data; the cost is almost all random number generation. Here randomness is spent sparingly: one
-Philox call gives 128 bits, i.e. the 16-bit draws of 8 elements (p is quantised to a multiple of
-2**-16: a unit drops iff its draw < ``round(p * 65536)``). Work is cut into blocks of
-:data:`BLOCK` elements: per block the kernel first runs Philox for the block's counters into a small
-scratch array (a loop over independent counters that LLVM vectorises: one AVX-512 multiply serves
-8 counters), then makes one pass of branch-free selects over the block's elements, reading the
-draws from that L1-resident scratch. Blocks are spread over threads with ``prange``; the number of
+Philox call gives 128 bits, and a mask spends only as many bits per element as its quantised rate
+needs (:func:`dropkit.rng.keep_threshold`: 16 bits, i.e. 8 elements per call, at p = 0.1; one bit,
+128 elements per call, at p = 0.5). Work is cut into blocks of :data:`BLOCK` elements: per block
+the kernel first runs Philox for the block's counters into a small scratch array (a loop over
+independent counters that LLVM vectorises: one AVX-512 multiply serves 8 counters), spreads
+narrower draws out to one 16-bit value per element, then makes one pass of branch-free selects
+over the block's elements, reading the draws from that L1-resident scratch. Blocks are spread over threads with ``prange``; the number of
 threads follows ``torch.get_num_threads()``. A mask is a pure function of (seed, offset, index),
 so the result does not depend on the thread count or on the block size.
 
@@ -65,9 +66,11 @@ def _ensure_writable_cache() -> None:
 
 _ensure_writable_cache()
 
-#: elements per block: 256 Philox calls of the u16 stream, 4 KiB of draws (stays in L1)
+#: elements per block: at most 256 Philox calls (16-bit draws), 4 KiB of draws (stays in L1)
 BLOCK = 2048
-_COUNTERS_PER_BLOCK = BLOCK // rng.U16_PER_COUNTER
+#: Philox output words a block needs at the widest draw (16 bits per element)
+_BLOCK_WORDS = BLOCK * 16 // 32
+_BITS_PER_COUNTER = rng.BITS_PER_COUNTER
 #: kernel codes of the masked ops (reference.KINDS)
 DROPOUT, ALPHA, ALPHA_GRAD, RELU_DROPOUT = 0, 1, 2, 3
 
@@ -157,6 +160,33 @@ def _draw(words, counter, n_counters, k0, k1):
 
 
 @njit(inline="always")
+def _spread_width(words, draws, n, width):
+    """The ``width``-bit values of elements 0..n-1 from ``words`` (low bits first) into ``draws``.
+    ``width`` is a constant in each call below, so each loop compiles to plain shifts and masks."""
+    per_word = 32 // width
+    mask = np.uint32((1 << width) - 1)
+    for j in range((n + per_word - 1) // per_word):  # whole words: ``draws`` holds BLOCK, a multiple of 32
+        word = words[j]
+        for t in range(per_word):  # a fixed-length loop of shifts of one word: vectorised
+            draws[j * per_word + t] = np.uint16((word >> np.uint32(width * t)) & mask)
+
+
+@njit(inline="always")
+def _draws_of_block(words, draws, counter, n, width, k0, k1):
+    """The draws of n elements starting at ``counter``: Philox into ``words``, then, for widths below
+    16, one 16-bit value per element into ``draws`` (at width 16, ``draws`` is ``words`` itself)."""
+    _draw(words, counter, (n * width + _BITS_PER_COUNTER - 1) // _BITS_PER_COUNTER, k0, k1)
+    if width == 1:
+        _spread_width(words, draws, n, 1)
+    elif width == 2:
+        _spread_width(words, draws, n, 2)
+    elif width == 4:
+        _spread_width(words, draws, n, 4)
+    elif width == 8:
+        _spread_width(words, draws, n, 8)
+
+
+@njit(inline="always")
 def _pack(draws, thr, bits, n_bytes, flags):
     """Packed keep flags (draw >= thr) of 8 * n_bytes elements: element 8k+t in bit t of byte k.
 
@@ -205,16 +235,19 @@ def _select(kind, x, out, draws, thr, a, b, c):
 # --- kernels -----------------------------------------------------------------------------------
 
 @njit(parallel=True, cache=True)
-def masked_seed(x, out, bits, k0, k1, offset, thr, kind, a, b, c, write_bits):
-    """A masked op with the mask regenerated from (seed, offset); writes ``bits`` if asked."""
+def masked_seed(x, out, bits, k0, k1, offset, width, thr, kind, a, b, c, write_bits):
+    """A masked op with the mask regenerated from (seed, offset) at ``width`` bits per element
+    (``thr`` in those bits); writes ``bits`` if asked."""
     n = x.size
+    counters_per_block = BLOCK * width // _BITS_PER_COUNTER
     for blk in prange((n + BLOCK - 1) // BLOCK):
-        words = np.empty(_COUNTERS_PER_BLOCK * 4, np.uint32)
-        draws = words.view(np.uint16)
+        words = np.empty(_BLOCK_WORDS, np.uint32)
+        draws = words.view(np.uint16) if width == 16 else np.empty(BLOCK, np.uint16)
         start = blk * BLOCK
         m = min(BLOCK, n - start)
         n_bytes = (m + 7) // 8
-        _draw(words, np.uint64(offset) + np.uint64(blk * _COUNTERS_PER_BLOCK), n_bytes, k0, k1)
+        _draws_of_block(words, draws, np.uint64(offset) + np.uint64(blk * counters_per_block), 8 * n_bytes, width,
+                        k0, k1)
         if write_bits:
             _pack(draws, thr, bits[start // 8: start // 8 + n_bytes], n_bytes, np.empty(BLOCK, np.uint8))
         _select(kind, x[start:start + m], out[start:start + m], draws, thr, a, b, c)
@@ -235,15 +268,16 @@ def masked_bits(x, out, bits, kind, a, b, c):
 
 
 @njit(parallel=True, cache=True)
-def keep_mask(out, k0, k1, offset, thr):
-    """The boolean keep mask (draw >= thr) of ``out.size`` elements."""
+def keep_mask(out, k0, k1, offset, width, thr):
+    """The boolean keep mask (draw >= thr, draws of ``width`` bits) of ``out.size`` elements."""
     n = out.size
+    counters_per_block = BLOCK * width // _BITS_PER_COUNTER
     for blk in prange((n + BLOCK - 1) // BLOCK):
-        words = np.empty(_COUNTERS_PER_BLOCK * 4, np.uint32)
-        draws = words.view(np.uint16)
+        words = np.empty(_BLOCK_WORDS, np.uint32)
+        draws = words.view(np.uint16) if width == 16 else np.empty(BLOCK, np.uint16)
         start = blk * BLOCK
         m = min(BLOCK, n - start)
-        _draw(words, np.uint64(offset) + np.uint64(blk * _COUNTERS_PER_BLOCK), (m + 7) // 8, k0, k1)
+        _draws_of_block(words, draws, np.uint64(offset) + np.uint64(blk * counters_per_block), m, width, k0, k1)
         block = out[start:start + m]
         for i in range(m):
             block[i] = np.int32(draws[i]) >= thr

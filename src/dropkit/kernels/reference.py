@@ -5,9 +5,9 @@ no attention to speed. The compiled kernels (:mod:`dropkit.kernels.cpu`) must re
 results bit for bit (Gaussian noise within float rounding, see below), and everything the kernels
 do not cover (other devices, float16 arithmetic inside a kernel) runs on these functions.
 
-Arithmetic contract. A keep mask comes from the ``u16`` stream: a unit is kept iff its 16-bit draw
-is >= ``rng.threshold(p) = round(p * 65536)``, so the drop rate is p quantised to a multiple of
-2**-16. Values are computed in the *opmath* type of the input dtype (float32 for bfloat16 and
+Arithmetic contract. A keep mask comes from the ``uniform`` stream at the width that
+``rng.keep_threshold(p)`` gives: a unit is kept iff its draw is >= that threshold, so the drop rate
+is p quantised to a multiple of 2**-16 (``rng.threshold(p) / 65536``). Values are computed in the *opmath* type of the input dtype (float32 for bfloat16 and
 float16, the dtype itself otherwise) and rounded once to the dtype; a Python constant enters the
 computation cast to the opmath type, as torch casts a scalar operand. The masked ops are
 ``out = keep ? f(x) : c`` with
@@ -34,8 +34,7 @@ here is ``torch.relu`` (-0.0 and NaN pass through); the gradient is cut where ``
 ``torch.relu``'s backward cuts it, and passes where ``out`` is NaN.
 
 Packed masks (``saved="bits"``): byte k holds the keep flags of elements 8k..8k+7, element 8k+t in
-bit t (1 = kept), so one byte is one Philox call of the ``u16`` stream; the unused bits of the last
-byte are 0.
+bit t (1 = kept); the unused bits of the last byte are 0.
 """
 
 from __future__ import annotations
@@ -85,9 +84,9 @@ def kind_constants(kind: str, p: float, dtype: torch.dtype) -> tuple[float, floa
 def keep_mask(
     seed: int, p: float, shape: tuple[int, ...], offset: int = 0, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """Boolean keep mask of ``shape`` from the ``u16`` stream: element i kept iff u16[i] >= threshold(p)."""
-    numel = math.prod(shape)
-    return (rng.uniform16(seed, offset, numel, device) >= rng.threshold(p)).reshape(shape)
+    """Boolean keep mask of ``shape`` from the ``uniform`` stream: element i kept iff its draw >= the threshold."""
+    width, thr = rng.keep_threshold(p)
+    return (rng.uniform(seed, offset, math.prod(shape), width, device) >= thr).reshape(shape)
 
 
 def masked(x: torch.Tensor, keep: torch.Tensor, kind: str, p: float) -> torch.Tensor:
