@@ -137,9 +137,6 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--groups", type=int, nargs="+", default=[4], help="structured variants to train")
     parser.add_argument("--block-size", type=int, default=1)
-    parser.add_argument("--kept-sets", nargs="+", choices=["independent", "balanced"], default=["independent"],
-                        help="how the groups' kept sets are drawn (StructuredLinearStack's balanced option); "
-                             "one variant per G and choice")
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--p", type=float, default=0.5)
     parser.add_argument("--epochs", type=int, default=8)
@@ -167,11 +164,9 @@ def main() -> int:
             dropkit.manual_seed(seed)
             models: dict[str, nn.Module] = {"standard": standard_mlp(args.width, args.p)}
             for g in args.groups:
-                for sets in args.kept_sets:
-                    twin = copy.deepcopy(models["standard"])
-                    name = f"structured_G{g}" + ("_balanced" if sets == "balanced" else "")
-                    models[name] = from_sequential(twin, groups=g, block_size=args.block_size, seed=seed * 1000 + g,
-                                                   balanced=sets == "balanced")
+                twin = copy.deepcopy(models["standard"])
+                models[f"structured_G{g}"] = from_sequential(twin, groups=g, block_size=args.block_size,
+                                                             seed=seed * 1000 + g)
             curves = train_lockstep(models, data, args, seed)
             runs.append({"dataset": dataset, "seed": seed, "curves": curves})
     report = {

@@ -151,7 +151,6 @@ def sample_kept(
     *,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
-    balanced: bool = False,
 ) -> KeptUnits:
     """Draw ``groups`` independent kept sets of ``kept_count(width, p, block_size)`` blocks each.
 
@@ -165,11 +164,6 @@ def sample_kept(
         raise ValueError(f"groups must be >= 1, got {groups}")
     keep = kept_count(width, p, block_size)
     n_blocks = width // block_size
-    if balanced:
-        order = torch.randperm(n_blocks, generator=generator, device=device)
-        starts = torch.arange(groups, device=device) * n_blocks // groups
-        window = (starts[:, None] + torch.arange(keep, device=device)) % n_blocks
-        return KeptUnits(order[window].sort(dim=1).values, block_size, width)
     bits = max(1, (n_blocks - 1).bit_length())
     high = torch.randint(0, 2 ** (63 - bits), (groups, n_blocks), generator=generator, device=device)
     keys = (high << bits) | torch.arange(n_blocks, device=device)
@@ -551,14 +545,12 @@ class StructuredLinearStack(nn.Module):
         flatten: bool = False,
         seed: int | None = None,
         weight_grad: str = "auto",
-        balanced: bool = False,
     ) -> None:
         if len(sizes) < 2:
             raise ValueError(f"sizes needs at least [in, out], got {list(sizes)}")
         layers = [nn.Linear(n_in, n_out, bias=bias) for n_in, n_out in zip(sizes[:-1], sizes[1:])]
         super().__init__()
-        self._setup(layers, p, activation or nn.ReLU(), p_input, groups, block_size, flatten, seed, weight_grad,
-                    balanced)
+        self._setup(layers, p, activation or nn.ReLU(), p_input, groups, block_size, flatten, seed, weight_grad)
 
     @classmethod
     def from_linears(
@@ -573,17 +565,15 @@ class StructuredLinearStack(nn.Module):
         flatten: bool = False,
         seed: int | None = None,
         weight_grad: str = "auto",
-        balanced: bool = False,
     ) -> StructuredLinearStack:
         """A stack over existing Linear modules (shared, not copied: same parameters, same optimizer)."""
         stack = cls.__new__(cls)
         nn.Module.__init__(stack)
         stack._setup(list(layers), p, activation or nn.ReLU(), p_input, groups, block_size, flatten, seed,
-                     weight_grad, balanced)
+                     weight_grad)
         return stack
 
-    def _setup(self, layers, p, activation, p_input, groups, block_size, flatten, seed, weight_grad,
-               balanced) -> None:
+    def _setup(self, layers, p, activation, p_input, groups, block_size, flatten, seed, weight_grad) -> None:
         for a, b in zip(layers[:-1], layers[1:]):
             if a.out_features != b.in_features:
                 raise ValueError(f"layer widths do not chain: {a} then {b}")
@@ -607,7 +597,6 @@ class StructuredLinearStack(nn.Module):
             kept_count(layers[0].in_features, self.p_input)
         _check_weight_grad(weight_grad)
         self.weight_grad = weight_grad
-        self.balanced = bool(balanced)
         self.workspace = Workspace()
         self.seed = seed
         self.generator: torch.Generator | None = None
@@ -622,9 +611,7 @@ class StructuredLinearStack(nn.Module):
         generator = self.generator if self.generator is not None and device.type == "cpu" else None
 
         def draw(width: int, p: float, block: int) -> KeptUnits | None:
-            if not p:
-                return None
-            return sample_kept(groups, width, p, block, generator=generator, device=device, balanced=self.balanced)
+            return sample_kept(groups, width, p, block, generator=generator, device=device) if p else None
 
         kept = [draw(self.layers[0].in_features, self.p_input, 1)]
         kept += [draw(layer.out_features, p, self.block_size) for layer, p in zip(self.layers, self.p)]
@@ -654,7 +641,7 @@ class StructuredLinearStack(nn.Module):
 
     def extra_repr(self) -> str:
         text = (f"p={self.p}, p_input={self.p_input}, groups={self.groups}, block_size={self.block_size}, "
-                f"weight_grad={self.weight_grad!r}, balanced={self.balanced}")
+                f"weight_grad={self.weight_grad!r}")
         return text if self.seed is None else f"{text}, seed={self.seed}"
 
 
