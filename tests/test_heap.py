@@ -145,3 +145,12 @@ def test_small_and_non_cpu_outputs_are_plain_empty_like():
     assert out.shape == x.shape and out.dtype == x.dtype and out.is_contiguous()
     meta = heap.huge_page_empty_like(torch.empty(2**24, device="meta"))
     assert meta.device.type == "meta" and meta.shape == (2**24,)
+
+
+def test_huge_page_advice_can_be_turned_off_and_refuses_other_values(monkeypatch):
+    monkeypatch.setattr(heap, "_madvise", heap._madvise.__wrapped__)  # re-read the variable, no cache
+    monkeypatch.setenv(heap.HUGE_PAGES_ENV, "off")
+    assert heap._madvise() is None
+    monkeypatch.setenv(heap.HUGE_PAGES_ENV, "on")
+    with pytest.raises(ValueError, match="DROPKIT_HUGE_PAGES must be one of advise, off"):
+        heap._madvise()

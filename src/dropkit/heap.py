@@ -46,6 +46,8 @@ HUGE_PAGE = 2 * 2**20
 #: is unmapped again when the tensor is freed
 HUGE_PAGE_MIN_BYTES = 32 * 2**20
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
+#: set to ``off`` to leave the kernels' outputs as torch allocates them (read once, at the first large output)
+HUGE_PAGES_ENV = "DROPKIT_HUGE_PAGES"
 
 
 @functools.cache
@@ -58,7 +60,13 @@ def _libc() -> ctypes.CDLL | None:
 
 @functools.cache
 def _madvise():
-    """libc's ``madvise`` where advice for huge pages can change anything (Linux, THP in madvise mode), else None."""
+    """libc's ``madvise`` where advice for huge pages can change anything (Linux, THP in madvise mode)
+    and ``DROPKIT_HUGE_PAGES`` is not ``off``; else None."""
+    choice = os.environ.get(HUGE_PAGES_ENV, "advise")
+    if choice not in ("advise", "off"):
+        raise ValueError(f"{HUGE_PAGES_ENV} must be one of advise, off, got {choice!r}")
+    if choice == "off":
+        return None
     libc = _libc()
     if not sys.platform.startswith("linux") or libc is None or not hasattr(libc, "madvise"):
         return None
@@ -83,7 +91,9 @@ def huge_page_empty_like(x: torch.Tensor) -> torch.Tensor:
     2 MiB instead. torch's allocator does the same for all its blocks when ``THP_MEM_ALLOC_ENABLE=1``;
     this does it for dropkit's own large outputs only, from :data:`HUGE_PAGE_MIN_BYTES` on. Only
     the whole 2 MiB pages inside the block are advised; elsewhere (no such kernel, THP always or
-    never, CUDA tensors) this is plain ``torch.empty_like``.
+    never, CUDA tensors) this is plain ``torch.empty_like``. A kernel short of free 2 MiB blocks
+    may compact memory at the first write (the usual price of huge pages); ``DROPKIT_HUGE_PAGES=off``
+    turns the advice off.
     """
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     nbytes = out.numel() * out.element_size()
