@@ -43,9 +43,6 @@ RUNS: dict[str, tuple[TrainConfig, str]] = {
     "srivastava_maxnorm2": (
         replace(SRIVASTAVA, max_norm=2.0),
         "<= 1.06 % error in <= 90 min: the base recipe with max-norm c = 2, the paper's appendix B.1 value"),
-    "srivastava_unit_maxnorm2": (
-        replace(SRIVASTAVA, inputs="unit", max_norm=2.0),
-        "<= 1.06 % error in <= 90 min: as srivastava_maxnorm2 with pixels in [0, 1], as the paper fed them"),
     "srivastava_dropout_maxnorm_60k": (
         replace(SRIVASTAVA, val_size=0), "<= 1.06 % error: the same run fitted on all 60,000 training examples"),
     "srivastava_no_dropout_60k": (
