@@ -91,7 +91,7 @@ def check_seed(seed: int) -> None:
 
 
 def threshold(p: float) -> int:
-    """The 16-bit drop threshold for probability ``p``: ``p`` quantised to a multiple of 2**-16, times 2**16."""
+    """The 16-bit drop threshold of probability ``p``: ``round(p * 2**16)``, p quantised to 2**-16."""
     return int(round(p * THRESHOLD_SCALE))
 
 
@@ -146,7 +146,9 @@ def philox4x32_block(
     return c0, c1, c2, c3
 
 
-def uniform(seed: int, offset: int, numel: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def uniform(
+    seed: int, offset: int, numel: int, width: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """The ``uniform`` stream of ``width``-bit values (int64 tensor) for elements 0..numel-1."""
     if width not in DRAW_WIDTHS:
         raise ValueError(f"width must be one of {DRAW_WIDTHS}, got {width}")
