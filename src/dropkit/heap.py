@@ -41,9 +41,10 @@ TRIM_THRESHOLD = 2**30
 #: madvise's advice number for transparent huge pages (linux/mman.h) and the huge page size of x86-64 and arm64
 _MADV_HUGEPAGE = 14
 HUGE_PAGE = 2 * 2**20
-#: outputs from this size on are advised (see :func:`huge_page_empty_like`): glibc serves every block
-#: this large with a fresh mmap whatever its thresholds, so the advice only ever marks memory that
-#: is unmapped again when the tensor is freed
+#: outputs from this size on are advised (see :func:`huge_page_empty_like`): glibc never raises its
+#: mmap threshold above this, so a block this large is a fresh mmap, unmapped again when the tensor
+#: is freed, unless a free block of the retained heap can hold it (then its pages are mapped already
+#: and the advice only lets the kernel merge them into huge pages later)
 HUGE_PAGE_MIN_BYTES = 32 * 2**20
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 #: set to ``off`` to leave the kernels' outputs as torch allocates them (read once, at the first large output)
