@@ -253,7 +253,10 @@ def masked_seed(x, out, bits, k0, k1, offset, width, thr, kind, a, b, c, write_b
         n_bytes = (m + 7) // 8
         _draws_of_block(words, draws, np.uint64(offset) + np.uint64(blk * counters_per_block), 8 * n_bytes, width,
                         k0, k1)
-        if write_bits:
+        if write_bits and width == 1 and thr == 1:
+            # a 1-bit draw is its own keep flag, in the packed mask's order: the mask is Philox's bytes
+            bits[start // 8: start // 8 + n_bytes] = words.view(np.uint8)[:n_bytes]
+        elif write_bits:
             _pack(draws, thr, bits[start // 8: start // 8 + n_bytes], n_bytes, np.empty(BLOCK, np.uint8))
         _select(kind, x[start:start + m], out[start:start + m], draws, thr, a, b, c)
     if write_bits and n % 8:
