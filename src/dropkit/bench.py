@@ -7,10 +7,10 @@ ceiling: one read, one write, one fresh allocation, as the ops themselves make).
 its outputs of 32 MiB and more to use huge pages (:func:`dropkit.heap.huge_page_empty_like`), which
 spares most of the page faults of their first write; so that this saving is not passed off as the
 kernel's, every case also times ``copy_huge``, the same copy into an output advised the same way,
-and reports the ratios against both copies (``*_over_copy`` and ``*_over_copy_huge``). Every figure is
-the median of ``repeats`` samples, and the variants of one case are timed round-robin — one sample
-of each per round — so that background load on a shared machine falls on all of them alike. A
-sample of a fast variant repeats the call until it lasts about ``min_sample_s``.
+and reports the ratios against both copies (``*_over_copy`` and ``*_over_copy_huge``). Every
+figure is the median of ``repeats`` samples, and the variants of one case are timed round-robin
+(one sample of each per round) so that background load on a shared machine falls on all of them
+alike. A sample of a fast variant repeats the call until it lasts about ``min_sample_s``.
 
 "Forward" is the training-time forward: the input requires grad and autograd records the graph
 (that is when ``saved="bits"`` writes its mask). "Forward+backward" adds ``y.backward(g)``. The
