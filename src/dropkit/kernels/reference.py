@@ -8,8 +8,9 @@ do not cover (other devices, float16 arithmetic inside a kernel) runs on these f
 Arithmetic contract. A keep mask comes from the ``uniform`` stream at the width that
 ``rng.keep_threshold(p)`` gives: a unit is kept iff its draw is >= that threshold, so the drop rate
 is p quantised to a multiple of 2**-16 (``rng.threshold(p) / 65536``). Values are computed in the
-*opmath* type of the input dtype (float32 for bfloat16 and float16, the dtype itself otherwise) and rounded once to the dtype; a Python constant enters the
-computation cast to the opmath type, as torch casts a scalar operand. The masked ops are
+*opmath* type of the input dtype (float32 for bfloat16 and float16, the dtype itself otherwise)
+and rounded once to the dtype; a Python constant enters the computation cast to the opmath type,
+as torch casts a scalar operand. The masked ops are
 ``out = keep ? f(x) : c`` with
 
 ================  =======================  ===================  ===============================
