@@ -191,7 +191,7 @@ def _draws_of_block(words, draws, counter, n, width, k0, k1):
 def _pack(draws, thr, bits, n_bytes, flags):
     """Packed keep flags (draw >= thr) of 8 * n_bytes elements: element 8k+t in bit t of byte k.
 
-    Two vectorisable loops instead of a bit-by-bit one (2.5x slower per block, measured alone on
+    Two vectorisable loops instead of a bit-by-bit one (1.3-2.5x slower per block, measured alone on
     one core): the flags go to ``flags`` as bytes 0/1; each 8 of them, read as one
     little-endian uint64 ``w`` (flag t in bit 8t), become one byte as the top byte of
     ``w * 0x0102040810204080``: that product moves bit 8t to bit 56 + t, and no two of its 64
