@@ -12,7 +12,7 @@ Philox call gives 128 bits, and a mask spends only as many bits per element as i
 needs (:func:`dropkit.rng.keep_threshold`: 16 bits, i.e. 8 elements per call, at p = 0.1; one bit,
 128 elements per call, at p = 0.5). Work is cut into blocks of :data:`BLOCK` elements: per block
 the kernel first runs Philox for the block's counters into a small scratch array (a loop over
-independent counters that LLVM vectorises: one AVX-512 multiply serves 8 counters), spreads
+independent counters that LLVM vectorises: one vector multiply serves several counters), spreads
 narrower draws out to one 16-bit value per element, then makes one pass of branch-free selects
 over the block's elements, reading the draws from that L1-resident scratch. Blocks are spread
 over threads with ``prange``; the number of threads follows ``torch.get_num_threads()``. A mask is
@@ -173,18 +173,23 @@ def _spread_width(words, draws, n, width):
 
 
 @njit(inline="always")
-def _draws_of_block(words, draws, counter, n, width, k0, k1):
-    """The draws of n elements starting at ``counter``: Philox into ``words``, then, for widths below
-    16, one 16-bit value per element into ``draws`` (at width 16, ``draws`` is ``words`` itself)."""
+def _draws_of_block(words, counter, n, width, k0, k1):
+    """One 16-bit draw per element for n elements starting at ``counter``: Philox into ``words``,
+    which at width 16 already are the draws (returned as a view); narrower draws are spread out into
+    a new block-sized array."""
     _draw(words, counter, (n * width + _BITS_PER_COUNTER - 1) // _BITS_PER_COUNTER, k0, k1)
+    if width == 16:
+        return words.view(np.uint16)
+    draws = np.empty(BLOCK, np.uint16)
     if width == 1:
         _spread_width(words, draws, n, 1)
     elif width == 2:
         _spread_width(words, draws, n, 2)
     elif width == 4:
         _spread_width(words, draws, n, 4)
-    elif width == 8:
+    else:
         _spread_width(words, draws, n, 8)
+    return draws
 
 
 @njit(inline="always")
@@ -247,12 +252,11 @@ def masked_seed(x, out, bits, k0, k1, offset, width, thr, kind, a, b, c, write_b
     counters_per_block = BLOCK * width // _BITS_PER_COUNTER
     for blk in prange((n + BLOCK - 1) // BLOCK):
         words = np.empty(_BLOCK_WORDS, np.uint32)
-        draws = words.view(np.uint16) if width == 16 else np.empty(BLOCK, np.uint16)
         start = blk * BLOCK
         m = min(BLOCK, n - start)
         n_bytes = (m + 7) // 8
-        _draws_of_block(words, draws, np.uint64(offset) + np.uint64(blk * counters_per_block), 8 * n_bytes, width,
-                        k0, k1)
+        draws = _draws_of_block(words, np.uint64(offset) + np.uint64(blk * counters_per_block), 8 * n_bytes, width,
+                                k0, k1)
         if write_bits and width == 1 and thr == 1:
             # a 1-bit draw is its own keep flag, in the packed mask's order: the mask is Philox's bytes
             bits[start // 8: start // 8 + n_bytes] = words.view(np.uint8)[:n_bytes]
@@ -282,10 +286,9 @@ def keep_mask(out, k0, k1, offset, width, thr):
     counters_per_block = BLOCK * width // _BITS_PER_COUNTER
     for blk in prange((n + BLOCK - 1) // BLOCK):
         words = np.empty(_BLOCK_WORDS, np.uint32)
-        draws = words.view(np.uint16) if width == 16 else np.empty(BLOCK, np.uint16)
         start = blk * BLOCK
         m = min(BLOCK, n - start)
-        _draws_of_block(words, draws, np.uint64(offset) + np.uint64(blk * counters_per_block), m, width, k0, k1)
+        draws = _draws_of_block(words, np.uint64(offset) + np.uint64(blk * counters_per_block), m, width, k0, k1)
         block = out[start:start + m]
         for i in range(m):
             block[i] = np.int32(draws[i]) >= thr
