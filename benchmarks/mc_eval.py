@@ -31,15 +31,15 @@ from dropkit.train import CHECKPOINT, TrainConfig, evaluate, load_splits, model_
 CHUNK = 2000
 
 
-def load_run(folder: Path) -> tuple[TrainConfig, torch.nn.Module]:
-    """The run's config and its model with the checkpoint's weights, in eval mode."""
+def load_run(folder: Path) -> tuple[TrainConfig, torch.nn.Module, int]:
+    """The run's config, its model with the checkpoint's weights (in eval mode) and its epochs done."""
     config = TrainConfig(**json.loads((folder / "config.json").read_text()))
     model = build_model(config.model, model_p(config), **config.model_kwargs)
     if config.rate != "concrete":
         fuse_relu_dropout(model)  # as train() does; state_dict keys are unchanged by it
     state = torch.load(folder / CHECKPOINT, weights_only=True)
     model.load_state_dict(state["model"])
-    return config, model.eval()
+    return config, model.eval(), state["epoch"]
 
 
 def mc_accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, samples: list[int],
@@ -67,14 +67,14 @@ def main() -> int:
     for folder in args.runs:
         if not (folder / CHECKPOINT).is_file():
             parser.error(f"{folder}: no {CHECKPOINT} (is it a run folder?)")
-        config, model = load_run(folder)
+        config, model, epochs = load_run(folder)
         _, _, test = load_splits(config.dataset, config.data_dir, config.val_size, config.limit_train,
                                  config.limit_test, config.inputs)
         _, weight_scaling = evaluate(model, test)
         mc = mc_accuracy(model, test.images, test.labels, sorted(set(args.samples)), args.seed)
-        print(json.dumps({"run": str(folder), "epochs": torch.load(folder / CHECKPOINT, weights_only=True)["epoch"],
-                          "test_examples": len(test), "weight_scaling_acc": weight_scaling,
-                          "mc_acc": {str(t): acc for t, acc in mc.items()}, "mc_seed": args.seed}), flush=True)
+        print(json.dumps({"run": str(folder), "epochs": epochs, "test_examples": len(test),
+                          "weight_scaling_acc": weight_scaling, "mc_acc": {str(t): acc for t, acc in mc.items()},
+                          "mc_seed": args.seed}), flush=True)
     return 0
 
 

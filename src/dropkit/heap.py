@@ -97,11 +97,10 @@ def huge_page_empty_like(x: torch.Tensor) -> torch.Tensor:
     turns the advice off.
     """
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    nbytes = out.numel() * out.element_size()
-    madvise = _madvise() if out.device.type == "cpu" and nbytes >= HUGE_PAGE_MIN_BYTES else None
+    madvise = _madvise() if out.device.type == "cpu" and out.nbytes >= HUGE_PAGE_MIN_BYTES else None
     if madvise is not None:
         start = -(-out.data_ptr() // HUGE_PAGE) * HUGE_PAGE
-        end = (out.data_ptr() + nbytes) // HUGE_PAGE * HUGE_PAGE
+        end = (out.data_ptr() + out.nbytes) // HUGE_PAGE * HUGE_PAGE
         if end > start:
             madvise(start, end - start, _MADV_HUGEPAGE)  # advice only: a refusal changes speed, not results
     return out
