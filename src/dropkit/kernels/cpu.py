@@ -202,6 +202,7 @@ def _pack(draws, thr, bits, n_bytes, flags):
     ``w * 0x0102040810204080``: that product moves bit 8t to bit 56 + t, and no two of its 64
     partial products land on the same bit, so nothing carries into the top byte.
     """
+    thr = np.int32(thr)  # an int64 compare would take 4 lanes per vector instead of 8
     for i in range(8 * n_bytes):
         flags[i] = np.uint8(np.int32(draws[i]) >= thr)
     words = flags[: 8 * n_bytes].view(np.uint64)
@@ -222,7 +223,12 @@ def _unpack(bits, flags, n):
 
 @njit(inline="always")
 def _select(kind, x, out, draws, thr, a, b, c):
-    """``out = draws >= thr ? f(x) : c`` over one block; the kind is resolved outside the loops."""
+    """``out = draws >= thr ? f(x) : c`` over one block; the kind is resolved outside the loops.
+
+    The arguments arrive as float64 and int64 and are narrowed first: left wide they would turn
+    every element's arithmetic and compare into 64-bit lanes (4 per vector instead of 8)."""
+    a, b, c = _opmath(x, a), _opmath(x, b), _opmath(x, c)
+    thr = np.int32(thr)
     if kind == DROPOUT:
         for i in range(x.size):
             v = _load(x, i) / a
@@ -291,7 +297,7 @@ def keep_mask(out, k0, k1, offset, width, thr):
         draws = _draws_of_block(words, np.uint64(offset) + np.uint64(blk * counters_per_block), m, width, k0, k1)
         block = out[start:start + m]
         for i in range(m):
-            block[i] = np.int32(draws[i]) >= thr
+            block[i] = np.int32(draws[i]) >= np.int32(thr)
 
 
 @njit(parallel=True, cache=True)
