@@ -284,7 +284,9 @@ def scatter_kept(
     if not _use_kernel(slices):
         return scatter_torch(slices, rows, cols, run, scale, n_out, n_in)
     out = slices.new_empty(n_out, n_in)
-    run_parallel(slices.numel(), _scatter_kernel, slices.contiguous().numpy(), rows.numpy(), cols.numpy(), run, scale,
+    values = slices.contiguous().numpy()
+    # ``scale`` in the slices' own dtype: a Python float would make the kernel's adds float64
+    run_parallel(slices.numel(), _scatter_kernel, values, rows.numpy(), cols.numpy(), run, values.dtype.type(scale),
                  out.numpy())
     return out
 
