@@ -17,7 +17,8 @@ of their training times stays fair. Training time counts the steps only (forward
 optimizer); the test set is evaluated ``--evals-per-epoch`` times per epoch outside the clock.
 
 Printed as JSON: for every run the test accuracy at each evaluation with the training seconds
-spent so far, and per dataset and variant the mean final accuracy and the time to reach the
+spent so far and the mean training-mode loss of the batches since the previous evaluation (for
+structured variants the loss under their own group masks), and per dataset and variant the mean final accuracy and the time to reach the
 standard-dropout run's final accuracy (same seed), against the time standard dropout took.
 
     python benchmarks/structured_accuracy.py --datasets mnist fashion-mnist --seeds 0 1 2 --groups 4
@@ -69,6 +70,7 @@ def train_lockstep(models: dict[str, nn.Module], data, args: argparse.Namespace,
     opts = {name: torch.optim.SGD(m.parameters(), lr=args.lr, momentum=args.momentum, nesterov=True)
             for name, m in models.items()}
     clock = dict.fromkeys(models, 0.0)
+    losses: dict[str, list[float]] = {name: [] for name in models}  # training-mode batch losses since the last evaluation
     curve: dict[str, list] = {name: [] for name in models}
     batches = BatchIterator(train, args.batch, generator=torch.Generator().manual_seed(seed))
     epochs = {name: args.epochs if name == "standard" else args.structured_epochs or args.epochs for name in models}
@@ -89,14 +91,18 @@ def train_lockstep(models: dict[str, nn.Module], data, args: argparse.Namespace,
             for name, model in active.items():
                 start = time.perf_counter()
                 opts[name].zero_grad(set_to_none=True)
-                F.cross_entropy(model(x), y).backward()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
                 opts[name].step()
                 clock[name] += time.perf_counter() - start
+                losses[name].append(loss.item())
             if step % steps_per_eval == 0 or step == len(batches):
                 for name, model in active.items():
                     acc = accuracy(model, test.images, test.labels)
                     curve[name].append({"epoch": round(epoch + step / len(batches), 3),
-                                        "train_s": round(clock[name], 2), "test_acc": round(acc, 2)})
+                                        "train_s": round(clock[name], 2), "test_acc": round(acc, 2),
+                                        "train_loss": round(statistics.mean(losses[name]), 4)})
+                    losses[name].clear()
         print(f"  epoch {epoch + 1}: " + ", ".join(f"{n} {curve[n][-1]['test_acc']:.2f}% {curve[n][-1]['train_s']:.0f}s"
                                                   for n in active), file=sys.stderr, flush=True)
     return curve
