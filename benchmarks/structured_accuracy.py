@@ -18,8 +18,9 @@ optimizer); the test set is evaluated ``--evals-per-epoch`` times per epoch outs
 
 Printed as JSON: for every run the test accuracy at each evaluation with the training seconds
 spent so far and the mean training-mode loss of the batches since the previous evaluation (for
-structured variants the loss under their own group masks), and per dataset and variant the mean final accuracy and the time to reach the
-standard-dropout run's final accuracy (same seed), against the time standard dropout took.
+structured variants the loss under their own group masks), and per dataset and variant the mean
+final accuracy and the time to reach the standard-dropout run's final accuracy (same seed),
+against the time standard dropout took.
 
     python benchmarks/structured_accuracy.py --datasets mnist fashion-mnist --seeds 0 1 2 --groups 4
 """
@@ -70,7 +71,7 @@ def train_lockstep(models: dict[str, nn.Module], data, args: argparse.Namespace,
     opts = {name: torch.optim.SGD(m.parameters(), lr=args.lr, momentum=args.momentum, nesterov=True)
             for name, m in models.items()}
     clock = dict.fromkeys(models, 0.0)
-    losses: dict[str, list[float]] = {name: [] for name in models}  # training-mode batch losses since the last evaluation
+    losses: dict[str, list[float]] = {name: [] for name in models}  # batch losses since the last evaluation
     curve: dict[str, list] = {name: [] for name in models}
     batches = BatchIterator(train, args.batch, generator=torch.Generator().manual_seed(seed))
     epochs = {name: args.epochs if name == "standard" else args.structured_epochs or args.epochs for name in models}
