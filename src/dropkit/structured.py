@@ -16,12 +16,12 @@ but make each example gather its own weights. ``G`` groups of ``B / G`` examples
 the gather and the gradient scatter cost ``G`` copies of the kept slices, the products cost the
 same whatever ``G``.
 
-Choosing ``G`` (BENCHMARKS.md, 2-core CPU, MLP 784-W-W-10, p = 0.5): about 64 examples per group
-keeps the step at about 0.5-0.65x of a step without dropout, and accuracy close to standard dropout's.
-With shared masks the same objective is optimised with a noisier gradient, so at equal epochs a
-structured run trails a little, less the longer it trains: on Fashion-MNIST with 64 per group,
--0.28 points after 8 epochs and -0.12 after 40. Per unit of wall-clock it is ahead, since an
-epoch takes about half the time.
+Choosing ``G`` (BENCHMARKS.md, 2-core CPU, MLP 784-W-W-10, p = 0.5): about 64 examples per
+group keeps the step at about 0.5-0.65x of a step without dropout, and accuracy close to standard
+dropout's. With shared masks the same objective is optimised with a noisier gradient, so at equal
+epochs a structured run trails a little, less the longer it trains: on Fashion-MNIST with 64 per
+group, -0.28 points after 8 epochs and -0.12 after 40. Per unit of wall-clock it is ahead, since
+an epoch takes about half the time.
 
 Gradients. The custom backward computes each group's slice gradient with one batched product
 and adds all groups' slices into a full-size weight gradient in one pass (a compiled kernel that
