@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import statistics
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dropkit
+from dropkit.bench import emit_json
 from dropkit.data import BatchIterator, load_dataset, normalise
 from dropkit.structured import from_sequential
 
@@ -182,12 +182,7 @@ def main() -> int:
         "loadavg_after": [round(v, 2) for v in os.getloadavg()],
         "summary": summarise(runs), "runs": runs,
     }
-    text = json.dumps(report, indent=1)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    print(text)
-    return 0
+    return emit_json(report, args.out)
 
 
 if __name__ == "__main__":

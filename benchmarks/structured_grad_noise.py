@@ -20,7 +20,6 @@ and mask noise together) is printed too.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from structured_accuracy import standard_mlp  # same folder
 
 import dropkit
+from dropkit.bench import emit_json
 from dropkit.data import BatchIterator, load_dataset, normalise
 from dropkit.structured import from_sequential
 
@@ -99,12 +99,7 @@ def main() -> int:
         "schemes": results,
         "standard_over_batches_variance": data_and_mask,
     }
-    text = json.dumps(report, indent=1)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    print(text)
-    return 0
+    return emit_json(report, args.out)
 
 
 if __name__ == "__main__":

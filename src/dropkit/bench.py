@@ -20,6 +20,7 @@ forward, seen through ``torch.autograd.graph.saved_tensors_hooks``.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -40,6 +41,17 @@ from dropkit import heap, ops, rng
 DEFAULT_LOG2_SIZES = (16, 18, 20, 22, 24, 26)
 DEFAULT_DTYPES = ("float32", "bfloat16")
 DEFAULT_PS = (0.1, 0.5)
+
+
+def emit_json(result: dict, out: str | None) -> int:
+    """Print a benchmark's ``result`` as JSON and, if ``out`` is given, write it there too; returns 0
+    (the exit status of the command or script that calls it)."""
+    text = json.dumps(result, indent=1)
+    print(text)
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    return 0
 
 
 def environment() -> dict:

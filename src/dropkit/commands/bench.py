@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from dropkit import bench
 
@@ -37,19 +36,11 @@ def run_kernels(args: argparse.Namespace) -> int:
             raise ValueError(f"--p values must be in (0, 1), got {p}")
     if any(not 0 <= k <= 30 for k in args.sizes):
         raise ValueError(f"--sizes are powers of two in [0, 30], got {args.sizes}")
-    return _emit(bench.bench_kernels(tuple(args.dtypes), tuple(args.sizes), tuple(args.p), args.repeats), args.out)
+    return bench.emit_json(bench.bench_kernels(tuple(args.dtypes), tuple(args.sizes), tuple(args.p), args.repeats),
+                           args.out)
 
 
 def run_step(args: argparse.Namespace) -> int:
     if not 0.0 < args.p < 1.0:
         raise ValueError(f"--p must be in (0, 1), got {args.p}")
-    return _emit(bench.bench_step(args.batch, args.p, args.repeats), args.out)
-
-
-def _emit(result: dict, out: str | None) -> int:
-    text = json.dumps(result, indent=2)
-    print(text)
-    if out:
-        with open(out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-    return 0
+    return bench.emit_json(bench.bench_step(args.batch, args.p, args.repeats), args.out)

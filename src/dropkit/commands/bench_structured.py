@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dropkit import nn as dnn
+from dropkit.bench import emit_json
 from dropkit.structured import WEIGHT_GRADS, StructuredLinearStack
 
 IN_FEATURES = 784
@@ -134,13 +134,7 @@ def main(args: argparse.Namespace) -> int:
     if args.quick:
         args.widths, args.batches, args.p, args.groups = [1024, 2048], [256], [0.5], [1, 4]
         args.repeats = min(args.repeats, 5)
-    report = run(args)
-    text = json.dumps(report, indent=1)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    print(text)
-    return 0
+    return emit_json(run(args), args.out)
 
 
 def add_parser(subparsers) -> None:
