@@ -47,6 +47,13 @@ from dropkit.structured import from_sequential
 EVAL_CHUNK = 2000
 
 
+def flat_splits(dataset: str) -> tuple:
+    """The dataset's normalised train and test splits with each image flattened to one row."""
+    ds = load_dataset(dataset)
+    train, test = normalise(ds.train, ds.test)
+    return tuple(type(s)(s.images.reshape(len(s), -1).contiguous(), s.labels) for s in (train, test))
+
+
 def standard_mlp(width: int, p: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(784, width), nn.ReLU(), nn.Dropout(p),
                          nn.Linear(width, width), nn.ReLU(), nn.Dropout(p), nn.Linear(width, 10))
@@ -163,9 +170,7 @@ def main() -> int:
 
     runs = []
     for dataset in args.datasets:
-        ds = load_dataset(dataset)
-        train, test = normalise(ds.train, ds.test)
-        data = tuple(type(s)(s.images.reshape(len(s), -1).contiguous(), s.labels) for s in (train, test))
+        data = flat_splits(dataset)
         for seed in args.seeds:
             print(f"{dataset} seed {seed}", file=sys.stderr, flush=True)
             dropkit.manual_seed(seed)

@@ -24,11 +24,11 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from structured_accuracy import standard_mlp  # same folder
+from structured_accuracy import flat_splits, standard_mlp  # same folder
 
 import dropkit
 from dropkit.bench import emit_json
-from dropkit.data import BatchIterator, load_dataset, normalise
+from dropkit.data import BatchIterator
 from dropkit.structured import from_sequential
 
 
@@ -60,9 +60,7 @@ def main() -> int:
     if any(g < 1 or args.batch % g for g in args.groups):
         parser.error(f"every --groups value must divide --batch {args.batch}, got {args.groups}")
 
-    ds = load_dataset(args.dataset)
-    train, _ = normalise(ds.train, ds.test)
-    train = type(train)(train.images.reshape(len(train), -1).contiguous(), train.labels)
+    train, _ = flat_splits(args.dataset)
     dropkit.manual_seed(args.seed)
     model = standard_mlp(1024, 0.5)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
@@ -81,14 +79,14 @@ def main() -> int:
     for g in args.groups:
         schemes[f"G={g}"] = from_sequential(model, groups=g, seed=args.seed * 1000 + g)  # shares the weights
     grads = {name: torch.stack([flat_grad(m, x, y) for _ in range(args.draws)]) for name, m in schemes.items()}
+    variances = {name: spread(g) for name, g in grads.items()}
     mean_standard = grads["standard"].mean(0).double()
-    base = spread(grads["standard"])
     results = {}
     for name, g in grads.items():
         mean = g.mean(0).double()
         results[name] = {
-            "mask_noise_variance": spread(g),
-            "vs_standard": round(spread(g) / base, 3),
+            "mask_noise_variance": variances[name],
+            "vs_standard": round(variances[name] / variances["standard"], 3),
             "cosine_of_mean_with_standard": round(float(F.cosine_similarity(mean, mean_standard, dim=0)), 4),
             "mean_grad_sq_norm": float((mean ** 2).sum()),
         }
