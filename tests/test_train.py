@@ -121,8 +121,9 @@ class Killed(Exception):
         dict(optimizer="adamw", weight_decay=0.01, schedule="step", step_epochs=1, step_gamma=0.5),
         dict(model="lstm", model_kwargs={"hidden": 16, "layers": 1, "p_weight": 0.3}, limit_train=300),
         dict(optimizer="nesterov", lr=0.05, momentum=0.95, momentum_start=0.5, momentum_ramp=2),
+        dict(optimizer="nesterov", lr=0.05, schedule="cosine", epochs=3, average_from=1),
     ],
-    ids=["sgd-cosine-maxnorm", "adamw-step", "lstm-weightdrop", "momentum-ramp"],
+    ids=["sgd-cosine-maxnorm", "adamw-step", "lstm-weightdrop", "momentum-ramp", "weight-average"],
 )
 def test_resume_after_a_kill_ends_where_the_uninterrupted_run_ends(tmp_path, monkeypatch, settings):
     config = TrainConfig(**{**SMALL, "limit_train": 1000, **settings})
@@ -190,6 +191,29 @@ def test_a_checkpoint_from_before_a_config_field_existed_resumes_with_its_defaul
         train(dataclasses.replace(config, epochs=2, inputs="unit"), tmp_path, resume=True, quiet=True)
     resumed = train(dataclasses.replace(config, epochs=2), tmp_path, resume=True, quiet=True)
     assert [row["epoch"] for row in resumed.history] == [1, 2]
+
+
+def test_weight_average_is_the_mean_of_the_epochs_weights_and_is_scored_from_its_epoch():
+    settings = dict(SMALL, epochs=3, limit_train=600, optimizer="nesterov", lr=0.05, schedule="cosine",
+                    average_from=2)
+    whole = train(TrainConfig(**settings), quiet=True)
+    at_two = train(TrainConfig(**{**settings, "epochs": 2}, planned_epochs=3), quiet=True)
+    at_three = train(TrainConfig(**settings, planned_epochs=3), quiet=True)
+    # one average so far: the epoch-2 weights themselves, scored as the model is
+    for name, value in at_two.model.state_dict().items():
+        assert torch.equal(at_two.averaged.module.state_dict()[name], value)
+    assert at_two.history[1]["avg_test_acc"] == at_two.history[1]["test_acc"]
+    # two: the mean of epoch 2's and epoch 3's weights, which differ
+    for name, value in at_three.model.state_dict().items():
+        before = at_two.model.state_dict()[name]
+        expected = (before + value) / 2
+        assert torch.allclose(at_three.averaged.module.state_dict()[name], expected, atol=1e-6)
+    assert not torch.equal(at_three.model.state_dict()["1.weight"], at_two.model.state_dict()["1.weight"])
+    assert "avg_test_acc" not in whole.history[0]
+    _, acc = evaluate(whole.averaged.module, load_splits("mnist", None, 500, 600, 500)[2])
+    assert whole.history[2]["avg_test_acc"] == acc
+    assert {"avg_train_eval_acc", "avg_val_loss", "avg_val_acc", "avg_test_loss"} <= set(whole.history[2])
+    assert train(TrainConfig(**SMALL), quiet=True).averaged is None
 
 
 @pytest.mark.parametrize(
@@ -267,6 +291,8 @@ def test_without_validation_set_val_figures_are_none(idx_folder):
         ("batch_size", 0, "batch_size must be >= 1"),
         ("limit_train", 0, "limit_train must be >= 1"),
         ("val_size", -1, "val_size must be >= 0"),
+        ("average_from", -1, r"average_from must be in \[0, epochs=10\] \(0: no weight average\), got -1"),
+        ("average_from", 11, r"average_from must be in \[0, epochs=10\]"),
     ],
 )
 def test_bad_settings_are_refused_with_their_range(field, value, message):

@@ -19,7 +19,10 @@ setting. Every epoch it records, in ``metrics.jsonl``:
   (``getrusage``; whole process: data, Python, torch; it never goes down, so it is an upper
   bound for any one run in a process that ran several), and ``saved_mib``, the tensors autograd
   keeps for backward in one training batch (activations and masks, parameters excluded),
-  measured on the epoch's first batch: the part of memory that dropout's masks change.
+  measured on the epoch's first batch: the part of memory that dropout's masks change;
+* with ``average_from`` set, ``avg_train_eval_*``, ``avg_val_*`` and ``avg_test_*``: the same
+  eval-mode figures for the running average of the weights (see :class:`TrainConfig`), from
+  that epoch on.
 
 A checkpoint (model, optimiser, scheduler, RNG states, metrics so far) is written atomically
 after every epoch, so ``resume=True`` after a kill ends with exactly the figures the
@@ -45,6 +48,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 import dropkit
@@ -117,6 +121,12 @@ class TrainConfig:
     ``planned_epochs`` is the length the learning-rate schedule and the dropout-rate schedules span
     (None: ``epochs``). A run with fewer ``epochs`` is the start of the planned run, figure for
     figure, and can be resumed to more: this is how a sweep trains a trial rung by rung.
+    ``average_from`` > 0 keeps the uniform average of the weights at the end of every epoch from
+    that one (1-based) on, and scores it beside the trained weights each epoch: stochastic weight
+    averaging (Izmailov et al. 2018, UAI, "Averaging weights leads to wider optima and better
+    generalization"), an ensemble of the late iterates at the cost of one model copy. Its gain
+    is largest while the learning rate is still well above 0; a cosine schedule with
+    ``planned_epochs`` > ``epochs`` stops the run there.
     """
 
     model: str = "tutorial_mlp"
@@ -145,6 +155,7 @@ class TrainConfig:
     drop_schedule: str = "constant"
     drop_cutoff: int = 0
     planned_epochs: int | None = None
+    average_from: int = 0
 
     @property
     def span(self) -> int:
@@ -198,6 +209,9 @@ class TrainConfig:
         if self.drop_schedule in ("early", "late") and not 1 <= self.drop_cutoff < self.span:
             raise ValueError(f"drop_cutoff must be in [1, epochs={self.span}) for {self.drop_schedule} dropout, "
                              f"got {self.drop_cutoff}")
+        if not 0 <= self.average_from <= self.span:
+            raise ValueError(f"average_from must be in [0, epochs={self.span}] (0: no weight average), "
+                             f"got {self.average_from}")
         if self.rate == "auto" and self.val_size == 0:
             raise ValueError("rate 'auto' steers p from the validation loss: val_size must be > 0")
 
@@ -218,13 +232,15 @@ def _check_positive(name: str, value: float) -> None:
 
 @dataclass
 class TrainResult:
-    """A finished run: its config, one metrics dict per epoch, the trained model (left in eval mode)
-    and the folder it was written to (if any)."""
+    """A finished run: its config, one metrics dict per epoch, the trained model (left in eval mode),
+    the folder it was written to (if any) and, with ``average_from`` reached, the averaged weights
+    (an ``AveragedModel``: call it as the model, or take ``.module``)."""
 
     config: TrainConfig
     history: list[dict[str, Any]]
     model: nn.Module
     out_dir: Path | None = None
+    averaged: AveragedModel | None = None
 
     @property
     def final(self) -> dict[str, Any]:
@@ -472,13 +488,15 @@ def train(
     optimizer = _make_optimizer(config, model)
     scheduler = _make_scheduler(config, optimizer)
     callback = _rate_callback(config, rate)
+    average = AveragedModel(model, use_buffers=True) if config.average_from else None
     shuffle = torch.Generator().manual_seed(rng.derive_seed(config.seed, SHUFFLE_STREAM))
     history: list[dict[str, Any]] = []
     out = Path(out_dir) if out_dir is not None else None
 
     if out is not None:
         if resume and (out / CHECKPOINT).exists():
-            history = _load_checkpoint(out / CHECKPOINT, config, model, optimizer, scheduler, shuffle, callback)
+            history = _load_checkpoint(out / CHECKPOINT, config, model, optimizer, scheduler, shuffle, callback,
+                                       average)
         if main:
             out.mkdir(parents=True, exist_ok=True)
             _write_text(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
@@ -510,16 +528,23 @@ def train(
             row["momentum"] = momentum
         if config.rate == "concrete":
             row["concrete_p"] = concrete_rates(model)
+        if average is not None and epoch >= config.average_from:
+            average.update_parameters(model)
+            scores = _evaluate_all(average.module, train_split.head(TRAIN_EVAL_SIZE), val_split, test_split)
+            row["eval_seconds"] += scores.pop("eval_seconds")
+            row.update({f"avg_{key}": value for key, value in scores.items()})
         history.append(row)
         if callback is not None:
             callback.on_epoch_end(model, epoch - 1, row)
         if out is not None and main:
             with open(out / METRICS, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
-            _save_checkpoint(out / CHECKPOINT, config, model, optimizer, scheduler, shuffle, history, callback)
+            _save_checkpoint(out / CHECKPOINT, config, model, optimizer, scheduler, shuffle, history, callback,
+                             average)
 
     model.eval()
-    result = TrainResult(config, history, model, out)
+    reached = average is not None and len(history) >= config.average_from
+    result = TrainResult(config, history, model, out, average.eval() if reached else None)
     if out is not None and main:
         _write_text(out / "result.json", json.dumps(result.summary(), indent=2) + "\n")
     return result
@@ -608,6 +633,7 @@ def _save_checkpoint(
     shuffle: torch.Generator,
     history: list[dict[str, Any]],
     callback: Any,
+    average: AveragedModel | None,
 ) -> None:
     """Everything a resumed run needs, written atomically. torch's global generator is not saved:
     it is reseeded from (seed, rank, epoch) at each epoch, which also keeps every rank's masks apart."""
@@ -619,6 +645,7 @@ def _save_checkpoint(
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "shuffle": shuffle.get_state(),
         "rate_controller": callback.state_dict() if isinstance(callback, OverfitController) else None,
+        "average": average.state_dict() if average is not None else None,
         "history": history,
     }
     _atomic_write(path, lambda tmp: torch.save(state, tmp))
@@ -632,6 +659,7 @@ def _load_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     shuffle: torch.Generator,
     callback: Any,
+    average: AveragedModel | None,
 ) -> list[dict[str, Any]]:
     """Restore a run from ``path`` into the objects given; returns the metrics of the epochs done."""
     state = torch.load(path, weights_only=True)
@@ -643,6 +671,8 @@ def _load_checkpoint(
     shuffle.set_state(state["shuffle"])
     if isinstance(callback, OverfitController):
         callback.load_state_dict(state["rate_controller"])
+    if average is not None:
+        average.load_state_dict(state["average"])
     return state["history"]
 
 

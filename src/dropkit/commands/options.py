@@ -95,6 +95,9 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--step-gamma", type=float_in(0, 1, low_open=True), default=defaults.step_gamma,
                      help="step schedule: lr factor in (0, 1] (default %(default)g)")
     opt.add_argument("--epochs", type=int_at_least(1), default=defaults.epochs, help="(default %(default)s)")
+    opt.add_argument("--average-from", type=int_at_least(0), default=defaults.average_from, metavar="EPOCH",
+                     help="also score the running average of the weights from this epoch on, as avg_* metrics "
+                          "(stochastic weight averaging; default %(default)s: off)")
     opt.add_argument("--batch-size", type=int_at_least(1), default=defaults.batch_size,
                      help="global batch size (default %(default)s)")
     opt.add_argument("--seed", type=int_at_least(0), default=defaults.seed,
@@ -117,7 +120,8 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
         model=args.model, model_kwargs=dict(args.model_arg), optimizer=args.optimizer, lr=args.lr,
         momentum=args.momentum, momentum_ramp=args.momentum_ramp, momentum_start=args.momentum_start,
         weight_decay=args.weight_decay, max_norm=args.max_norm, schedule=args.schedule,
-        step_epochs=args.step_epochs, step_gamma=args.step_gamma, epochs=args.epochs, batch_size=args.batch_size,
+        step_epochs=args.step_epochs, step_gamma=args.step_gamma, epochs=args.epochs,
+        average_from=args.average_from, batch_size=args.batch_size,
         seed=args.seed, val_size=args.val_size, dataset=args.dataset, inputs=args.inputs, data_dir=args.data_dir,
         limit_train=args.limit_train, limit_test=args.limit_test,
     )
