@@ -83,13 +83,18 @@ def test_kept_values_are_exactly_x_over_keep_in_dtype(dtype, p):
     assert 0 < int(kept.sum()) < x.numel()
 
 
+@pytest.mark.parametrize("rate_bits", [16, 8])  # 8: the backward regenerates 8-bit draws
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_gradient_is_grad_times_same_mask_over_keep(dtype):
-    p = 0.3
-    x = (torch.rand(64, 33, dtype=torch.float64) + 0.5).to(dtype).requires_grad_()
-    y = DF.dropout(x, p, training=True, seed=11)
-    g = torch.randn_like(y)
-    y.backward(g)
+def test_gradient_is_grad_times_same_mask_over_keep(dtype, rate_bits):
+    previous = rng.set_rate_bits(rate_bits)
+    try:
+        p = 0.3
+        x = (torch.rand(64, 33, dtype=torch.float64) + 0.5).to(dtype).requires_grad_()
+        y = DF.dropout(x, p, training=True, seed=11)
+        g = torch.randn_like(y)
+        y.backward(g)
+    finally:
+        rng.set_rate_bits(previous)
     mask = y.detach() != 0
     assert torch.equal(x.grad, torch.where(mask, g / (1 - p), 0.0).to(dtype))
 

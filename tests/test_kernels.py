@@ -7,6 +7,7 @@ odd sizes, non-contiguous inputs, thread counts, dtypes, torch.compile and check
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 
 from dropkit import functional as DF
 from dropkit import kernels, ops, rng
+from dropkit.cli import main
 from dropkit.kernels import cpu, reference
 
 SIZES = [0, 1, 2, 7, 8, 9, 2**11 - 1, 2**11, 2**11 + 1, 2**13 + 1, 2**15 - 1]
@@ -133,6 +135,22 @@ def test_drop_fraction_within_binomial_bounds_in_every_lane(p, seed):
     # neighbours are independent: both dropped with probability q**2
     both = int((~keep[:-1] & ~keep[1:]).sum())
     assert abs(both - (n - 1) * q * q) <= binomial_bound(n - 1, q * q) * 2  # x2: overlapping pairs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eight_bit_rates_match_the_reference_and_drop_at_the_rounded_rate(dtype):
+    previous = rng.set_rate_bits(8)
+    try:
+        x = torch.randn(2**16 + 3).to(dtype)
+        out, bits = kernels.masked(x, BIG_SEED, 0.1, "dropout", save_bits=True)
+        keep = reference.keep_mask(BIG_SEED, 0.1, tuple(x.shape))
+        assert torch.equal(out, reference.masked(x, keep, "dropout", 0.1))
+        assert torch.equal(bits, reference.pack_bits(keep))
+        n, q = 2**20, 26 / 256
+        dropped = int((~kernels.keep_mask(3, 0.1, (n,))).sum())
+        assert abs(dropped - n * q) <= binomial_bound(n, q)  # 0.1016: 5 sigma is 0.0015, so 0.1 would fail
+    finally:
+        rng.set_rate_bits(previous)
 
 
 def test_bit_mask_popcount_matches_the_drop_count():
@@ -384,3 +402,14 @@ def test_a_parallel_kernel_leaves_torchs_thread_count_alone():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_bench_kernels_command_prints_json_at_the_rate_resolution_asked(capsys):
+    try:
+        assert main(["bench", "kernels", "--sizes", "10", "--dtypes", "float32", "--p", "0.1", "--repeats", "1",
+                     "--rate-bits", "8"]) == 0
+    finally:
+        rng.set_rate_bits(16)
+    result = json.loads(capsys.readouterr().out)
+    assert result["environment"]["rate_bits"] == 8
+    assert [(case["dtype"], case["numel"], case["p"]) for case in result["cases"]] == [("float32", 1024, 0.1)]

@@ -73,3 +73,26 @@ def test_normal_stream_moments():
     z = rng.normal(3, 0, 200_000)
     assert abs(float(z.mean())) < 6 / 200_000**0.5
     assert abs(float(z.var()) - 1) < 6 * (2 / 200_000) ** 0.5
+
+
+@pytest.fixture
+def eight_bit_rates():
+    previous = rng.set_rate_bits(8)
+    yield
+    rng.set_rate_bits(previous)
+
+
+def test_eight_bit_rates_round_to_a_256th_and_draw_8_bits(eight_bit_rates):
+    assert rng.rate_bits() == 8
+    assert rng.keep_threshold(0.1) == (8, 26)  # 0.1 * 256 = 25.6 -> 26: drops at 0.1016
+    assert rng.keep_threshold(0.5) == (1, 1) and rng.keep_threshold(0.3) == (8, 77)
+    for p in [0.001, 0.1, 1 / 3, 0.5, 0.999]:
+        assert abs(rng.threshold(p) / rng.THRESHOLD_SCALE - p) <= 0.5 / 256
+    assert rng.threshold(0.0) == 0 and rng.threshold(1.0) == rng.THRESHOLD_SCALE
+
+
+def test_rate_bits_default_to_16_and_refuse_other_values():
+    assert rng.rate_bits() == 16 and rng.keep_threshold(0.1) == (16, 6554)
+    with pytest.raises(ValueError, match="bits must be one of 8, 16, got 12"):
+        rng.set_rate_bits(12)
+    assert rng.rate_bits() == 16

@@ -66,6 +66,7 @@ def environment() -> dict:
         "python": platform.python_version(),
         "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "heap": os.environ.get(heap.ENV, "default"),  # see dropkit.heap
+        "rate_bits": rng.rate_bits(),  # the resolution drop rates were rounded to
     }
 
 

@@ -21,6 +21,9 @@ Stream layouts (shared by the reference and the compiled kernels; they are the c
   multiple of 2**-16 (at most 7.6e-6 away from the p asked for; ``p`` itself is still used for the
   1/(1-p) scale), and ``w`` only decides how many random bits that quantised rate needs. Spending
   1 bit instead of 16 at p = 0.5 makes the mask's Philox work 16 times smaller.
+  :func:`set_rate_bits` (8) coarsens every rate to a multiple of 2**-8 instead, as fused GPU
+  dropout commonly does (FlashAttention and TransformerEngine compare 8-bit draws): p = 0.1 then
+  drops at 26/256 = 0.1016 and needs 8 bits per element, half the Philox work of 16.
 * ``normal`` (Gaussian noise): element ``i`` reads counter ``offset + i // 2`` and takes words
   ``2 * (i % 2)`` and ``2 * (i % 2) + 1`` as u1, u2 for one Box-Muller draw.
 
@@ -47,6 +50,9 @@ PHILOX_W1 = 0xBB67AE85
 PHILOX_ROUNDS = 10
 SEED_BOUND = 2**63 - 1
 THRESHOLD_SCALE = 65536
+#: the resolutions a drop rate may be rounded to, in bits (see :func:`set_rate_bits`)
+RATE_BITS = (8, 16)
+_rate_bits = 16
 #: bits per element a keep mask may spend (see :func:`keep_threshold`); each divides 32
 DRAW_WIDTHS = (1, 2, 4, 8, 16)
 #: random bits one Philox call gives
@@ -90,9 +96,33 @@ def check_seed(seed: int) -> None:
         raise ValueError(f"seed must be an int in [0, 2**63 - 1], got {seed!r}")
 
 
+def set_rate_bits(bits: int) -> int:
+    """Round every drop rate to a multiple of ``2**-bits`` from now on; returns the previous setting.
+
+    16 (the default) keeps each rate within 2**-17 of the p asked for. 8 rounds it to the nearest
+    multiple of 1/256 (within 2**-9: p = 0.1 drops at 0.1016), so a rate that needed 16 random bits
+    per element needs at most 8, which halves the Philox work of the mask (BENCHMARKS.md, issue 4).
+    The kept values are still scaled by 1/(1-p) with the p asked for. The setting is process-wide
+    and is read whenever a mask is drawn, including the backward pass that regenerates a forward
+    mask: set it once, before training, not between a forward and its backward.
+    """
+    global _rate_bits
+    if bits not in RATE_BITS:
+        raise ValueError(f"bits must be one of {', '.join(map(str, RATE_BITS))}, got {bits!r}")
+    previous, _rate_bits = _rate_bits, bits
+    return previous
+
+
+def rate_bits() -> int:
+    """The resolution drop rates are rounded to, in bits (see :func:`set_rate_bits`)."""
+    return _rate_bits
+
+
 def threshold(p: float) -> int:
-    """The 16-bit drop threshold of probability ``p``: ``round(p * 2**16)``, p quantised to 2**-16."""
-    return int(round(p * THRESHOLD_SCALE))
+    """The 16-bit drop threshold of probability ``p``: ``round(p * 2**16)``, p quantised to 2**-16,
+    or to 2**-8 under ``set_rate_bits(8)`` (then a multiple of 256)."""
+    step = 1 << (16 - _rate_bits)
+    return int(round(p * (THRESHOLD_SCALE // step))) * step
 
 
 def keep_threshold(p: float) -> tuple[int, int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dropkit import bench
+from dropkit import bench, rng
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -21,16 +21,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     kernels.add_argument("--p", type=float, nargs="+", default=list(bench.DEFAULT_PS), help="(default: %(default)s)")
     kernels.add_argument("--repeats", type=int, default=7, help="samples per figure; the median is kept")
     kernels.add_argument("--out", help="also write the JSON to this file")
+    _add_rate_bits(kernels)
     kernels.set_defaults(func=run_kernels)
     step = which.add_parser("step", help="train step of a 784-1024-1024-10 MLP with and without dropout")
     step.add_argument("--batch", type=int, default=256)
     step.add_argument("--p", type=float, default=0.5)
     step.add_argument("--repeats", type=int, default=15, help="samples per figure; the median is kept")
     step.add_argument("--out", help="also write the JSON to this file")
+    _add_rate_bits(step)
     step.set_defaults(func=run_step)
 
 
+def _add_rate_bits(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rate-bits", type=int, choices=rng.RATE_BITS, default=rng.rate_bits(),
+                        help="round each p to a multiple of 2**-BITS (dropkit.rng.set_rate_bits; default %(default)s)")
+
+
 def run_kernels(args: argparse.Namespace) -> int:
+    rng.set_rate_bits(args.rate_bits)
     for p in args.p:
         if not 0.0 < p < 1.0:
             raise ValueError(f"--p values must be in (0, 1), got {p}")
@@ -41,6 +49,7 @@ def run_kernels(args: argparse.Namespace) -> int:
 
 
 def run_step(args: argparse.Namespace) -> int:
+    rng.set_rate_bits(args.rate_bits)
     if not 0.0 < args.p < 1.0:
         raise ValueError(f"--p must be in (0, 1), got {args.p}")
     return bench.emit_json(bench.bench_step(args.batch, args.p, args.repeats), args.out)
