@@ -291,8 +291,9 @@ def test_without_validation_set_val_figures_are_none(idx_folder):
         ("batch_size", 0, "batch_size must be >= 1"),
         ("limit_train", 0, "limit_train must be >= 1"),
         ("val_size", -1, "val_size must be >= 0"),
-        ("average_from", -1, r"average_from must be in \[0, epochs=10\] \(0: no weight average\), got -1"),
-        ("average_from", 11, r"average_from must be in \[0, epochs=10\]"),
+        ("average_from", -1, r"average_from must be in \[0, 10\] \(an epoch of the run; 0: no weight average\), "
+                             "got -1"),
+        ("average_from", 11, r"average_from must be in \[0, 10\]"),
     ],
 )
 def test_bad_settings_are_refused_with_their_range(field, value, message):

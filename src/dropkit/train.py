@@ -124,7 +124,8 @@ class TrainConfig:
     ``average_from`` > 0 keeps the uniform average of the weights at the end of every epoch from
     that one (1-based) on, and scores it beside the trained weights each epoch: stochastic weight
     averaging (Izmailov et al. 2018, UAI, "Averaging weights leads to wider optima and better
-    generalization"), an ensemble of the late iterates at the cost of one model copy. Its gain
+    generalization"), an ensemble of the late iterates at the cost of one model copy (buffers such
+    as batch-norm statistics are averaged too, not recomputed). Its gain
     is largest while the learning rate is still well above 0; a cosine schedule with
     ``planned_epochs`` > ``epochs`` stops the run there.
     """
@@ -210,8 +211,8 @@ class TrainConfig:
             raise ValueError(f"drop_cutoff must be in [1, epochs={self.span}) for {self.drop_schedule} dropout, "
                              f"got {self.drop_cutoff}")
         if not 0 <= self.average_from <= self.span:
-            raise ValueError(f"average_from must be in [0, epochs={self.span}] (0: no weight average), "
-                             f"got {self.average_from}")
+            raise ValueError(f"average_from must be in [0, {self.span}] (an epoch of the run; 0: no weight "
+                             f"average), got {self.average_from}")
         if self.rate == "auto" and self.val_size == 0:
             raise ValueError("rate 'auto' steers p from the validation loss: val_size must be > 0")
 
