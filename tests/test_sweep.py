@@ -156,10 +156,15 @@ def test_p_step_0_searches_continuously(tmp_path):
 
 
 def test_two_workers_finish_exactly_n_trials(tmp_path):
-    """Real training on 600 MNIST images, two worker processes, one journal file."""
+    """Real training on 600 MNIST images, two worker processes, one journal file.
+
+    The rates are searched continuously (``--p-step 0``), so two equal rates would mean that the
+    workers replayed each other's draws; on the default lattice of 17 rates, 6 random draws
+    repeat one about 60 % of the time, and whether they do depended on which worker came first.
+    """
     argv = ["sweep", "--model", "tutorial_mlp", "--model-arg", "hidden=16", "--trials", "6", "--workers", "2",
             "--epochs", "2", "--limit-train", "600", "--limit-test", "200", "--val-size", "200",
-            "--pruner", "halving", "--out", str(tmp_path)]
+            "--pruner", "halving", "--p-step", "0", "--out", str(tmp_path)]
     assert main(argv) == 0
     trials = _load(tmp_path).get_trials()
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
