@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from dropkit import heap
 from dropkit.bench import emit_json
-from dropkit.commands.bench_structured import IN_FEATURES, CLASSES, _step_fn, _variants
+from dropkit.commands.bench_structured import CLASSES, IN_FEATURES, _step_fn, _variants
 
 
 def profile_step(step, steps: int, top: int) -> dict:
@@ -33,7 +33,8 @@ def profile_step(step, steps: int, top: int) -> dict:
     total = sum(e.self_cpu_time_total for e in events)
     return {
         "ms_per_step": round(total / steps / 1e3, 3),
-        "ops": [{"op": e.key, "shapes": str(e.input_shapes), "ms_per_step": round(e.self_cpu_time_total / steps / 1e3, 3),
+        "ops": [{"op": e.key, "shapes": str(e.input_shapes),
+                 "ms_per_step": round(e.self_cpu_time_total / steps / 1e3, 3),
                  "share": round(e.self_cpu_time_total / total, 4)} for e in events[:top]],
     }
 
