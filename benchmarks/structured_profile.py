@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from dropkit import heap
 from dropkit.bench import emit_json
-from dropkit.commands.bench_structured import CLASSES, IN_FEATURES, _step_fn, _variants
+from dropkit.commands.bench_structured import _step_fn, _variants, step_inputs
 
 
 def profile_step(step, steps: int, top: int) -> dict:
@@ -52,9 +52,7 @@ def main() -> int:
     args = parser.parse_args()
     heap.retain_freed_memory()  # as the dropkit command does: no page faults from freed step buffers
     models = _variants(args.width, [args.p], [args.groups], args.weight_grad)
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(args.batch, IN_FEATURES, generator=gen)
-    y = torch.randint(0, CLASSES, (args.batch,), generator=gen)
+    x, y = step_inputs(args.batch)
     result = {"width": args.width, "batch": args.batch, "p": args.p, "groups": args.groups,
               "threads": torch.get_num_threads(), "steps": args.steps}
     for name, key in (("none", ("none", 0.0, 0)), ("structured", ("structured", args.p, args.groups))):

@@ -71,6 +71,12 @@ def _variants(width: int, rates: list[float], groups: list[int], weight_grad: st
     return models
 
 
+def step_inputs(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed input and labels every variant's steps are timed on (the same for every run)."""
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(batch, IN_FEATURES, generator=gen), torch.randint(0, CLASSES, (batch,), generator=gen)
+
+
 def time_steps(steps: dict[tuple, Callable[[], None]], repeats: int, warmup: int, threads: int) -> dict[tuple, float]:
     """Median seconds per step of each step function, taking turns round robin on ``threads`` threads.
 
@@ -97,9 +103,7 @@ def run(args: argparse.Namespace) -> dict:
     for width in args.widths:
         models = _variants(width, args.p, args.groups, args.weight_grad)
         for batch in args.batches:
-            gen = torch.Generator().manual_seed(1)
-            x = torch.randn(batch, IN_FEATURES, generator=gen)
-            y = torch.randint(0, CLASSES, (batch,), generator=gen)
+            x, y = step_inputs(batch)
             steps = {key: _step_fn(m, x, y, args.lr, args.momentum) for key, m in models.items()}
             medians = time_steps(steps, args.repeats, args.warmup, threads)
             none_s = medians[("none", 0.0, 0)]
