@@ -74,6 +74,18 @@ def test_masked_kernels_equal_reference_in_both_modes(dtype, kind):
             assert_bitwise_equal(out_seed_only, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inputs_large_enough_to_prefetch_equal_reference(dtype):
+    # from cpu._PREFETCH_MIN_BYTES on, 8- and 16-bit draws run Philox in chunks with prefetches in between
+    n = cpu._PREFETCH_MIN_BYTES // torch.finfo(dtype).bits * 8 + 2**11 + 5  # a partial last block
+    x = sample(n, dtype)
+    for p in (0.1, 1 / 256):  # 16 and 8 bits per element
+        keep = reference.keep_mask(BIG_SEED, p, (n,))
+        out, bits = kernels.masked(x, BIG_SEED, p, "dropout", save_bits=True)
+        assert_bitwise_equal(out, reference.masked(x, keep, "dropout", p))
+        assert torch.equal(bits, reference.pack_bits(keep)), p
+
+
 def test_kernel_offset_selects_the_same_stream_further_on():
     x = sample(4096, torch.float32)
     out, _ = kernels.masked(x, 9, 0.5, "dropout", offset=2**32 - 7)

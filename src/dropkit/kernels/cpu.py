@@ -14,7 +14,10 @@ needs (:func:`dropkit.rng.keep_threshold`: 16 bits, i.e. 8 elements per call, at
 the kernel first runs Philox for the block's counters into a small scratch array (a loop over
 independent counters that LLVM vectorises: one vector multiply serves several counters), spreads
 narrower draws out to one 16-bit value per element, then makes one pass of branch-free selects
-over the block's elements, reading the draws from that L1-resident scratch. Blocks are spread
+over the block's elements, reading the draws from that L1-resident scratch. For inputs beyond
+the caches, the Philox phase of a block with 8- or 16-bit draws is cut into chunks, and between
+them the thread prefetches the next block's input and output lines, so that its memory traffic
+overlaps the arithmetic instead of following it. Blocks are spread
 over threads with ``prange``; the number of threads follows ``torch.get_num_threads()``. A mask is
 a pure function of (seed, offset, index), so the result does not depend on the thread count or on
 the block size.
@@ -42,8 +45,9 @@ from pathlib import Path
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 from dropkit import rng
 
@@ -72,6 +76,14 @@ BLOCK = 2048
 #: Philox output words a block needs at the widest draw (16 bits per element)
 _BLOCK_WORDS = BLOCK * 16 // 32
 _BITS_PER_COUNTER = rng.BITS_PER_COUNTER
+#: Philox counters run between two rounds of prefetches in :func:`_draw_prefetching`
+_PREFETCH_CHUNK = 16
+#: the narrowest draws whose Philox phase is long enough to hide the next block's prefetches in
+_PREFETCH_MIN_WIDTH = 8
+#: inputs from this size on are prefetched; smaller ones stay in the two cores' L2 caches, where
+#: the prefetches only add instructions
+_PREFETCH_MIN_BYTES = 4 * 2**20
+_CACHE_LINE = 64
 #: kernel codes of the masked ops (reference.KINDS)
 DROPOUT, ALPHA, ALPHA_GRAD, RELU_DROPOUT = 0, 1, 2, 3
 
@@ -132,6 +144,29 @@ def _opmath_impl(a, v):
     return lambda a, v: np.float32(v)
 
 
+def _prefetch_intrinsic(write: int):
+    """An intrinsic ``f(array, index)`` that asks the CPU to fetch the cache line of ``array[index]``
+    into all cache levels (``llvm.prefetch``; ``write`` 1 fetches it for writing). A hint only: it
+    never faults, so an index past the data is harmless."""
+    @intrinsic
+    def prefetch(typingctx, array, index):
+        def codegen(context, builder, signature, args):
+            data = context.make_array(signature.args[0])(context, builder, args[0]).data
+            byte_ptr = ir.IntType(8).as_pointer()
+            i32 = ir.IntType(32)
+            fn = builder.module.declare_intrinsic(
+                "llvm.prefetch", [byte_ptr], ir.FunctionType(ir.VoidType(), [byte_ptr, i32, i32, i32]))
+            address = builder.bitcast(builder.gep(data, [args[1]]), byte_ptr)
+            builder.call(fn, [address, ir.Constant(i32, write), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+            return context.get_dummy_value()
+        return types.void(array, index), codegen
+    return prefetch
+
+
+_prefetch_read = _prefetch_intrinsic(0)
+_prefetch_write = _prefetch_intrinsic(1)
+
+
 # --- random draws ------------------------------------------------------------------------------
 
 @njit(inline="always")
@@ -161,6 +196,30 @@ def _draw(words, counter, n_counters, k0, k1):
 
 
 @njit(inline="always")
+def _draw_prefetching(words, counter, n_counters, k0, k1, x, out, start, stop):
+    """:func:`_draw`, in chunks of :data:`_PREFETCH_CHUNK` counters, prefetching between chunks the
+    cache lines of ``x[start:stop]`` (to read) and ``out[start:stop]`` (to write): the next block's.
+
+    Why: a block's Philox phase does no memory traffic and its select phase is all memory traffic,
+    so without this a thread's time is their sum (BENCHMARKS.md, stop 14's model). The prefetches
+    let the next block's lines arrive while this block's draws are computed. Spread over the
+    chunks, they never queue up more misses at once than the core can keep in flight.
+    """
+    per_line = _CACHE_LINE // x.itemsize
+    lines = (stop - start + per_line - 1) // per_line
+    chunks = (n_counters + _PREFETCH_CHUNK - 1) // _PREFETCH_CHUNK
+    per_chunk = (lines + chunks - 1) // chunks if chunks else lines
+    line = 0
+    for chunk in range(chunks):
+        first = chunk * _PREFETCH_CHUNK
+        _draw(words[4 * first:], counter + np.uint64(first), min(_PREFETCH_CHUNK, n_counters - first), k0, k1)
+        for i in range(start + line * per_line, min(stop, start + (line + per_chunk) * per_line), per_line):
+            _prefetch_read(x, i)
+            _prefetch_write(out, i)
+        line += per_chunk
+
+
+@njit(inline="always")
 def _spread_width(words, draws, n, width):
     """The ``width``-bit values of elements 0..n-1 from ``words`` (low bits first) into ``draws``, a
     byte of ``words`` at a time: a fixed-length loop of shifts of one byte vectorises (1.6-4x faster
@@ -176,11 +235,10 @@ def _spread_width(words, draws, n, width):
 
 
 @njit(inline="always")
-def _draws_of_block(words, counter, n, width, k0, k1):
-    """One 16-bit draw per element for n elements starting at ``counter``: Philox into ``words``,
-    which at width 16 already are the draws (returned as a view); narrower draws are spread out into
-    a new block-sized array."""
-    _draw(words, counter, (n * width + _BITS_PER_COUNTER - 1) // _BITS_PER_COUNTER, k0, k1)
+def _as_draws(words, n, width):
+    """One 16-bit draw per element for n elements from a block's Philox ``words``: at width 16 the
+    words already are the draws (returned as a view); narrower draws are spread out into a new
+    block-sized array."""
     if width == 16:
         return words.view(np.uint16)
     draws = np.empty(BLOCK, np.uint16)
@@ -193,6 +251,12 @@ def _draws_of_block(words, counter, n, width, k0, k1):
     else:
         _spread_width(words, draws, n, 8)
     return draws
+
+
+@njit(inline="always")
+def _counters(n, width):
+    """Philox counters that ``n`` draws of ``width`` bits take."""
+    return (n * width + _BITS_PER_COUNTER - 1) // _BITS_PER_COUNTER
 
 
 @njit(inline="always")
@@ -264,8 +328,13 @@ def masked_seed(x, out, bits, k0, k1, offset, width, thr, kind, a, b, c, write_b
         start = blk * BLOCK
         m = min(BLOCK, n - start)
         n_bytes = (m + 7) // 8
-        draws = _draws_of_block(words, np.uint64(offset) + np.uint64(blk * counters_per_block), 8 * n_bytes, width,
-                                k0, k1)
+        counter = np.uint64(offset) + np.uint64(blk * counters_per_block)
+        if width >= _PREFETCH_MIN_WIDTH and n * x.itemsize >= _PREFETCH_MIN_BYTES:
+            _draw_prefetching(words, counter, _counters(8 * n_bytes, width), k0, k1, x, out, start + m,
+                              min(start + m + BLOCK, n))
+        else:
+            _draw(words, counter, _counters(8 * n_bytes, width), k0, k1)
+        draws = _as_draws(words, 8 * n_bytes, width)
         if write_bits and width == 1 and thr == 1:
             # a 1-bit draw is its own keep flag, in the packed mask's order: the mask is Philox's bytes
             bits[start // 8: start // 8 + n_bytes] = words.view(np.uint8)[:n_bytes]
@@ -297,7 +366,8 @@ def keep_mask(out, k0, k1, offset, width, thr):
         words = np.empty(_BLOCK_WORDS, np.uint32)
         start = blk * BLOCK
         m = min(BLOCK, n - start)
-        draws = _draws_of_block(words, np.uint64(offset) + np.uint64(blk * counters_per_block), m, width, k0, k1)
+        _draw(words, np.uint64(offset) + np.uint64(blk * counters_per_block), _counters(m, width), k0, k1)
+        draws = _as_draws(words, m, width)
         block = out[start:start + m]
         for i in range(m):
             block[i] = np.int32(draws[i]) >= np.int32(thr)
