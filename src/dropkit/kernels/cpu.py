@@ -76,8 +76,8 @@ BLOCK = 2048
 #: Philox output words a block needs at the widest draw (16 bits per element)
 _BLOCK_WORDS = BLOCK * 16 // 32
 _BITS_PER_COUNTER = rng.BITS_PER_COUNTER
-#: Philox counters run between two rounds of prefetches in :func:`_draw_prefetching`
-_PREFETCH_CHUNK = 16
+#: cache lines of each array prefetched after each chunk of Philox counters in :func:`_draw_prefetching`
+_LINES_PER_CHUNK = 8
 #: the narrowest draws whose Philox phase is long enough to hide the next block's prefetches in
 _PREFETCH_MIN_WIDTH = 8
 #: inputs from this size on are prefetched; smaller ones stay in the two cores' L2 caches, where
@@ -197,26 +197,26 @@ def _draw(words, counter, n_counters, k0, k1):
 
 @njit(inline="always")
 def _draw_prefetching(words, counter, n_counters, k0, k1, x, out, start, stop):
-    """:func:`_draw`, in chunks of :data:`_PREFETCH_CHUNK` counters, prefetching between chunks the
-    cache lines of ``x[start:stop]`` (to read) and ``out[start:stop]`` (to write): the next block's.
+    """:func:`_draw` in chunks, prefetching after each chunk the next :data:`_LINES_PER_CHUNK` cache
+    lines of ``x[start:stop]`` (to read) and ``out[start:stop]`` (to write): the next block's.
 
     Why: a block's Philox phase does no memory traffic and its select phase is all memory traffic,
     so without this a thread's time is their sum (BENCHMARKS.md, stop 14's model). The prefetches
-    let the next block's lines arrive while this block's draws are computed. Spread over the
-    chunks, they never queue up more misses at once than the core can keep in flight.
+    let the next block's lines arrive while this block's draws are computed. Issued a few lines at
+    a time between chunks, they never queue up more misses than the core can keep in flight
+    (16 counters per 8 lines of float32 at 16-bit draws; BENCHMARKS.md, stop 17).
     """
     per_line = _CACHE_LINE // x.itemsize
     lines = (stop - start + per_line - 1) // per_line
-    chunks = (n_counters + _PREFETCH_CHUNK - 1) // _PREFETCH_CHUNK
-    per_chunk = (lines + chunks - 1) // chunks if chunks else lines
-    line = 0
+    chunks = max(1, (lines + _LINES_PER_CHUNK - 1) // _LINES_PER_CHUNK)
+    size = (n_counters + chunks - 1) // chunks
     for chunk in range(chunks):
-        first = chunk * _PREFETCH_CHUNK
-        _draw(words[4 * first:], counter + np.uint64(first), min(_PREFETCH_CHUNK, n_counters - first), k0, k1)
-        for i in range(start + line * per_line, min(stop, start + (line + per_chunk) * per_line), per_line):
+        first = min(chunk * size, n_counters)
+        _draw(words[4 * first:], counter + np.uint64(first), min(size, n_counters - first), k0, k1)
+        for i in range(start + chunk * _LINES_PER_CHUNK * per_line,
+                       min(stop, start + (chunk + 1) * _LINES_PER_CHUNK * per_line), per_line):
             _prefetch_read(x, i)
             _prefetch_write(out, i)
-        line += per_chunk
 
 
 @njit(inline="always")
