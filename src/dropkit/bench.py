@@ -28,6 +28,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+import llvmlite.binding
 import numba
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,9 @@ def environment() -> dict:
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "processor": _cpu_name(),
+        # the microarchitecture the kernels were compiled for ("model name" says only "AMD EPYC" on the
+        # VMs, whose CPU changed from an AVX2 part to a Zen 5 with AVX-512 at stop 17)
+        "llvm_cpu": llvmlite.binding.get_host_cpu_name(),
         "python": platform.python_version(),
         "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "heap": os.environ.get(heap.ENV, "default"),  # see dropkit.heap
