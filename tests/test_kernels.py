@@ -77,7 +77,7 @@ def test_masked_kernels_equal_reference_in_both_modes(dtype, kind):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inputs_large_enough_to_prefetch_equal_reference(dtype):
     # from cpu._PREFETCH_MIN_BYTES on, 8- and 16-bit draws run Philox in chunks with prefetches in between
-    n = cpu._PREFETCH_MIN_BYTES // torch.finfo(dtype).bits * 8 + 2**11 + 5  # a partial last block
+    n = cpu._PREFETCH_MIN_BYTES // torch.empty(0, dtype=dtype).element_size() + 2**11 + 5  # a partial last block
     x = sample(n, dtype)
     for p in (0.1, 1 / 256):  # 16 and 8 bits per element
         keep = reference.keep_mask(BIG_SEED, p, (n,))
