@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import os
 import statistics
 import sys
@@ -66,16 +67,21 @@ def make_input(numel: int, dtype) -> np.ndarray:
 
 
 def time_case(versions: dict, x: np.ndarray, width: int, thr: int, rounds: int) -> dict[str, list[float]]:
-    """Seconds per call of each version's forward (and of a copy into the same output), round robin."""
+    """Seconds per call of each version's forward (and of a copy into the same output), round robin.
+    Versions whose kernel takes a ``prefetch`` flag get the dispatcher's choice for this input."""
     import torch
+
+    from dropkit.kernels import prefetches
 
     out = np.zeros_like(x)
     bits = np.empty(-(-x.size // 8), np.uint8)
     keep = 1.0 - thr / 2.0**width
     calls = {"copy": lambda: torch.from_numpy(out).copy_(torch.from_numpy(x))}
     for name, module in versions.items():
-        calls[name] = (lambda m=module: m.masked_seed(x, out, bits, np.uint64(0x12345678), np.uint64(0x9ABCDEF),
-                                                       0, width, thr, 0, keep, 0.0, 0.0, False))
+        args = [x, out, bits, np.uint64(0x12345678), np.uint64(0x9ABCDEF), 0, width, thr, 0, keep, 0.0, 0.0, False]
+        if "prefetch" in inspect.signature(module.masked_seed.py_func).parameters:  # from stop 17 on
+            args.append(prefetches(width, x.nbytes))
+        calls[name] = lambda m=module, args=args: m.masked_seed(*args)
     results = {}
     for name, call in calls.items():  # compile, and the same outputs from every version
         call()

@@ -75,15 +75,23 @@ def test_masked_kernels_equal_reference_in_both_modes(dtype, kind):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_inputs_large_enough_to_prefetch_equal_reference(dtype):
-    # from cpu._PREFETCH_MIN_BYTES on, 8- and 16-bit draws run Philox in chunks with prefetches in between
-    n = cpu._PREFETCH_MIN_BYTES // torch.empty(0, dtype=dtype).element_size() + 2**11 + 5  # a partial last block
-    x = sample(n, dtype)
-    for p in (0.1, 1 / 256):  # 16 and 8 bits per element
-        keep = reference.keep_mask(BIG_SEED, p, (n,))
-        out, bits = kernels.masked(x, BIG_SEED, p, "dropout", save_bits=True)
-        assert_bitwise_equal(out, reference.masked(x, keep, "dropout", p))
-        assert torch.equal(bits, reference.pack_bits(keep)), p
+def test_prefetching_kernel_equals_reference(dtype, monkeypatch):
+    # the prefetching Philox phase runs from kernels.PREFETCH_MIN_BYTES on; lowered here to test it on small inputs
+    monkeypatch.setattr(kernels, "PREFETCH_MIN_BYTES", 0)
+    for n in SIZES + [3 * 2**11 + 5]:
+        x = sample(n, dtype, seed=n)
+        for p in (0.1, 1 / 256, 0.5):  # 16, 8 and 1 bits per element: the first two prefetch
+            assert kernels.prefetches(rng.keep_threshold(p)[0], x.nbytes) == (p != 0.5)
+            keep = reference.keep_mask(BIG_SEED, p, (n,))
+            out, bits = kernels.masked(x, BIG_SEED, p, "dropout", save_bits=True)
+            assert_bitwise_equal(out, reference.masked(x, keep, "dropout", p))
+            assert torch.equal(bits, reference.pack_bits(keep)), (n, p)
+
+
+def test_only_large_inputs_with_wide_draws_prefetch():
+    assert kernels.prefetches(16, kernels.PREFETCH_MIN_BYTES) and kernels.prefetches(8, kernels.PREFETCH_MIN_BYTES)
+    assert not kernels.prefetches(16, kernels.PREFETCH_MIN_BYTES - 1)
+    assert not kernels.prefetches(4, 2**30)
 
 
 def test_kernel_offset_selects_the_same_stream_further_on():

@@ -29,12 +29,19 @@ from dropkit import rng
 from dropkit.heap import huge_page_empty_like
 from dropkit.kernels import cpu, reference
 
-__all__ = ["compiled", "gaussian", "keep_mask", "masked", "masked_from_bits", "reference", "relu_dropout_grad"]
+__all__ = ["compiled", "gaussian", "keep_mask", "masked", "masked_from_bits", "prefetches", "reference",
+           "relu_dropout_grad"]
 
 #: elements per thread below which a kernel runs on fewer threads (see run_parallel)
 MIN_ELEMENTS_PER_THREAD = 2**16
 #: a Box-Muller draw (log, cos, sqrt) costs about as much as this many selects
 _GAUSSIAN_COST = 32
+#: the narrowest draws whose Philox phase is long enough to hide the next block's prefetches in
+PREFETCH_MIN_WIDTH = 8
+#: inputs from this size on are prefetched: past the 32 MiB last-level cache of the project's VMs.
+#: Inputs that fit in it only pay for the extra instructions (float32 at 2**20 elements: 2.3-2.9 ->
+#: 2.9-3.8x a warm copy; BENCHMARKS.md, stop 17)
+PREFETCH_MIN_BYTES = 32 * 2**20
 _NATIVE = (torch.float32, torch.float64, torch.bfloat16)
 _NO_BITS = np.empty(0, dtype=np.uint8)
 _KIND_CODES = {"dropout": cpu.DROPOUT, "alpha": cpu.ALPHA, "alpha_grad": cpu.ALPHA_GRAD, "relu_dropout": cpu.RELU_DROPOUT}
@@ -43,6 +50,13 @@ _KIND_CODES = {"dropout": cpu.DROPOUT, "alpha": cpu.ALPHA, "alpha_grad": cpu.ALP
 def compiled(x: torch.Tensor) -> bool:
     """Whether ops on ``x`` run on the compiled kernels (else on the reference)."""
     return x.device.type == "cpu" and (x.dtype in _NATIVE or x.dtype == torch.float16)
+
+
+def prefetches(width: int, nbytes: int) -> bool:
+    """Whether a masked op with ``width``-bit draws on an input of ``nbytes`` prefetches each next
+    block during the current block's Philox phase (:func:`.cpu._draw_prefetching`): where there is a
+    Philox phase to hide the prefetches in, and data that comes from memory rather than a cache."""
+    return width >= PREFETCH_MIN_WIDTH and nbytes >= PREFETCH_MIN_BYTES
 
 
 def masked(
@@ -64,8 +78,9 @@ def masked(
     bits = torch.empty(-(-x.numel() // 8), dtype=torch.uint8) if save_bits else None
     a, b, c = _constants(kind, p, x.dtype)
     k0, k1 = _key(seed)
+    width, thr = rng.keep_threshold(p)
     run_parallel(x.numel(), cpu.masked_seed, _array(x), _array(out), _NO_BITS if bits is None else bits.numpy(),
-                 k0, k1, offset, *rng.keep_threshold(p), _KIND_CODES[kind], a, b, c, save_bits)
+                 k0, k1, offset, width, thr, _KIND_CODES[kind], a, b, c, save_bits, prefetches(width, x.nbytes))
     return out, bits
 
 

@@ -14,10 +14,10 @@ needs (:func:`dropkit.rng.keep_threshold`: 16 bits, i.e. 8 elements per call, at
 the kernel first runs Philox for the block's counters into a small scratch array (a loop over
 independent counters that LLVM vectorises: one vector multiply serves several counters), spreads
 narrower draws out to one 16-bit value per element, then makes one pass of branch-free selects
-over the block's elements, reading the draws from that L1-resident scratch. For inputs beyond
-the caches, the Philox phase of a block with 8- or 16-bit draws is cut into chunks, and between
-them the thread prefetches the next block's input and output lines, so that its memory traffic
-overlaps the arithmetic instead of following it. Blocks are spread
+over the block's elements, reading the draws from that L1-resident scratch. On request (for
+inputs beyond the caches, see :func:`dropkit.kernels.prefetches`), the Philox phase is cut into
+chunks, and between them the thread prefetches the next block's input and output lines, so that
+its memory traffic overlaps the arithmetic instead of following it. Blocks are spread
 over threads with ``prange``; the number of threads follows ``torch.get_num_threads()``. A mask is
 a pure function of (seed, offset, index), so the result does not depend on the thread count or on
 the block size.
@@ -78,11 +78,6 @@ _BLOCK_WORDS = BLOCK * 16 // 32
 _BITS_PER_COUNTER = rng.BITS_PER_COUNTER
 #: cache lines of each array prefetched after each chunk of Philox counters in :func:`_draw_prefetching`
 _LINES_PER_CHUNK = 8
-#: the narrowest draws whose Philox phase is long enough to hide the next block's prefetches in
-_PREFETCH_MIN_WIDTH = 8
-#: inputs from this size on are prefetched; smaller ones stay in the two cores' L2 caches, where
-#: the prefetches only add instructions
-_PREFETCH_MIN_BYTES = 4 * 2**20
 _CACHE_LINE = 64
 #: kernel codes of the masked ops (reference.KINDS)
 DROPOUT, ALPHA, ALPHA_GRAD, RELU_DROPOUT = 0, 1, 2, 3
@@ -318,9 +313,10 @@ def _select(kind, x, out, draws, thr, a, b, c):
 # --- kernels -----------------------------------------------------------------------------------
 
 @njit(parallel=True, cache=True)
-def masked_seed(x, out, bits, k0, k1, offset, width, thr, kind, a, b, c, write_bits):
+def masked_seed(x, out, bits, k0, k1, offset, width, thr, kind, a, b, c, write_bits, prefetch):
     """A masked op with the mask regenerated from (seed, offset) at ``width`` bits per element
-    (``thr`` in those bits); writes ``bits`` if asked."""
+    (``thr`` in those bits); writes ``bits`` if asked; with ``prefetch``, each block's Philox phase
+    prefetches the next block (:func:`_draw_prefetching`; the caller decides where that pays)."""
     n = x.size
     counters_per_block = BLOCK * width // _BITS_PER_COUNTER
     for blk in prange((n + BLOCK - 1) // BLOCK):
@@ -329,7 +325,7 @@ def masked_seed(x, out, bits, k0, k1, offset, width, thr, kind, a, b, c, write_b
         m = min(BLOCK, n - start)
         n_bytes = (m + 7) // 8
         counter = np.uint64(offset) + np.uint64(blk * counters_per_block)
-        if width >= _PREFETCH_MIN_WIDTH and n * x.itemsize >= _PREFETCH_MIN_BYTES:
+        if prefetch:
             _draw_prefetching(words, counter, _counters(8 * n_bytes, width), k0, k1, x, out, start + m,
                               min(start + m + BLOCK, n))
         else:
