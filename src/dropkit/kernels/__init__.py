@@ -11,7 +11,8 @@ every device (see :func:`relu_dropout_grad`).
 Inputs are read in their logical index order: a non-contiguous input is copied to a contiguous one
 first, and outputs are contiguous; outputs of 32 MiB and more are advised to use huge pages
 (:func:`dropkit.heap.huge_page_empty_like`), which spares most of the page faults of their first
-write. ``seed`` is a Python int (a Philox key) and ``offset`` the first counter of the stream, 0 for
+write, and inputs that large with 8- or 16-bit draws are prefetched a block ahead
+(:func:`prefetches`). ``seed`` is a Python int (a Philox key) and ``offset`` the first counter of the stream, 0 for
 a whole-tensor op.
 """
 
