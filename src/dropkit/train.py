@@ -505,6 +505,7 @@ def train(
 
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     batches = BatchIterator(train_split, config.batch_size, generator=shuffle, rank=rank, world=world)
+    train_eval = train_split.head(TRAIN_EVAL_SIZE)  # the training examples scored in eval mode each epoch
     hooks = _StepHooks(model, callback, (lambda: concrete_regularisation(model)) if config.rate == "concrete" else None,
                        hidden_linears(model) if config.max_norm is not None else [], config.max_norm)
     if callback is not None:
@@ -524,14 +525,14 @@ def train(
         if scheduler is not None:
             scheduler.step()
         row = _epoch_row(epoch, _current_rate(config, model, callback, rate), lr, fit,
-                         _evaluate_all(model, train_split.head(TRAIN_EVAL_SIZE), val_split, test_split), seconds)
+                         _evaluate_all(model, train_eval, val_split, test_split), seconds)
         if config.momentum_ramp > 0:
             row["momentum"] = momentum
         if config.rate == "concrete":
             row["concrete_p"] = concrete_rates(model)
         if average is not None and epoch >= config.average_from:
             average.update_parameters(model)
-            scores = _evaluate_all(average.module, train_split.head(TRAIN_EVAL_SIZE), val_split, test_split)
+            scores = _evaluate_all(average.module, train_eval, val_split, test_split)
             row["eval_seconds"] += scores.pop("eval_seconds")
             row.update({f"avg_{key}": value for key, value in scores.items()})
         history.append(row)
