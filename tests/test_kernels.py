@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from dropkit import functional as DF
-from dropkit import kernels, ops, rng
+from dropkit import block_cache, kernels, ops, rng
 from dropkit.cli import main
 from dropkit.kernels import cpu, reference
 
@@ -434,3 +434,9 @@ def test_bench_kernels_command_prints_json_at_the_rate_resolution_asked(capsys):
     assert result["environment"]["rate_bits"] == 8
     assert result["environment"]["llvm_cpu"]  # e.g. znver5: "model name" alone does not tell the VMs' CPUs apart
     assert [(case["dtype"], case["numel"], case["p"]) for case in result["cases"]] == [("float32", 1024, 0.1)]
+    case = result["cases"][0]
+    # every ratio is also given against a copy into an output taken as dropkit takes its own
+    assert set(case["ms"]) >= {"copy", "copy_cached", "copy_huge"}
+    assert set(case["fwd_over_copy_cached"]) == set(case["fwd_bwd_over_copy_huge"]) == {"torch", "dropkit_seed",
+                                                                                         "dropkit_bits"}
+    assert result["environment"]["block_cache_mib"] == block_cache.limit_bytes() // 2**20

@@ -97,13 +97,20 @@ def huge_page_empty_like(x: torch.Tensor) -> torch.Tensor:
     turns the advice off.
     """
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    madvise = _madvise() if out.device.type == "cpu" and out.nbytes >= HUGE_PAGE_MIN_BYTES else None
-    if madvise is not None:
-        start = -(-out.data_ptr() // HUGE_PAGE) * HUGE_PAGE
-        end = (out.data_ptr() + out.nbytes) // HUGE_PAGE * HUGE_PAGE
-        if end > start:
-            madvise(start, end - start, _MADV_HUGEPAGE)  # advice only: a refusal changes speed, not results
+    if out.device.type == "cpu" and out.nbytes >= HUGE_PAGE_MIN_BYTES:
+        advise_huge_pages(out.data_ptr(), out.nbytes)
     return out
+
+
+def advise_huge_pages(address: int, nbytes: int) -> None:
+    """Advise the whole 2 MiB pages inside ``nbytes`` of memory from ``address`` to be huge pages,
+    where that can change anything (see :func:`huge_page_empty_like`); advice only: a refusal
+    changes speed, never results."""
+    madvise = _madvise()
+    start = -(-address // HUGE_PAGE) * HUGE_PAGE
+    end = (address + nbytes) // HUGE_PAGE * HUGE_PAGE
+    if madvise is not None and end > start:
+        madvise(start, end - start, _MADV_HUGEPAGE)
 
 
 def retain_freed_memory() -> bool:

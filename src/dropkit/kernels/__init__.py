@@ -9,9 +9,9 @@ random mask, the gradient of ``relu_dropout``, is torch's own ReLU gradient and 
 every device (see :func:`relu_dropout_grad`).
 
 Inputs are read in their logical index order: a non-contiguous input is copied to a contiguous one
-first, and outputs are contiguous; outputs of 32 MiB and more are advised to use huge pages
-(:func:`dropkit.heap.huge_page_empty_like`), which spares most of the page faults of their first
-write, and inputs that large with 8- or 16-bit draws are prefetched a block ahead
+first, and outputs are contiguous; outputs of 32 MiB and more reuse the memory of earlier ones
+that were freed (:mod:`dropkit.block_cache`), which spares the page faults of their first write,
+and inputs that large with 8- or 16-bit draws are prefetched a block ahead
 (:func:`prefetches`). ``seed`` is a Python int (a Philox key) and ``offset`` the first counter of the stream, 0 for
 a whole-tensor op.
 """
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from dropkit import rng
-from dropkit.heap import huge_page_empty_like
+from dropkit.block_cache import empty_like as output_like
 from dropkit.kernels import cpu, reference
 
 __all__ = ["compiled", "gaussian", "keep_mask", "masked", "masked_from_bits", "prefetches", "reference",
@@ -75,7 +75,7 @@ def masked(
     if x.dtype == torch.float16:
         out, bits = masked(x.float(), seed, p, kind, save_bits=save_bits, offset=offset)
         return out.half(), bits
-    out = huge_page_empty_like(x)
+    out = output_like(x)
     bits = torch.empty(-(-x.numel() // 8), dtype=torch.uint8) if save_bits else None
     a, b, c = _constants(kind, p, x.dtype)
     k0, k1 = _key(seed)
@@ -92,7 +92,7 @@ def masked_from_bits(x: torch.Tensor, bits: torch.Tensor, p: float, kind: str) -
         return reference.masked(x, reference.unpack_bits(bits, tuple(x.shape)), kind, p)
     if x.dtype == torch.float16:
         return masked_from_bits(x.float(), bits, p, kind).half()
-    out = huge_page_empty_like(x)
+    out = output_like(x)
     a, b, c = _constants(kind, p, x.dtype)
     run_parallel(x.numel(), cpu.masked_bits, _array(x), _array(out), bits.contiguous().numpy(), _KIND_CODES[kind], a, b, c)
     return out
@@ -118,7 +118,7 @@ def gaussian(x: torch.Tensor, seed: int, p: float, offset: int = 0) -> torch.Ten
         return reference.gaussian(x, seed, p, offset)
     if x.dtype == torch.float16:
         return gaussian(x.float(), seed, p, offset).half()
-    out = huge_page_empty_like(x)
+    out = output_like(x)
     k0, k1 = _key(seed)
     run_parallel(x.numel() * _GAUSSIAN_COST, cpu.gaussian, _array(x), _array(out), k0, k1, offset,
                  math.sqrt(p / (1.0 - p)))
