@@ -90,7 +90,8 @@ def huge_page_empty_like(x: torch.Tensor) -> torch.Tensor:
     VM (BENCHMARKS.md, "Huge pages"). On a Linux kernel whose transparent huge pages are in
     ``madvise`` mode (the VM's), advising the block before the first write makes those 32 faults of
     2 MiB instead. torch's allocator does the same for all its blocks when ``THP_MEM_ALLOC_ENABLE=1``;
-    this does it for dropkit's own large outputs only, from :data:`HUGE_PAGE_MIN_BYTES` on. Only
+    this does it for dropkit's own large outputs only, from :data:`HUGE_PAGE_MIN_BYTES` on: the
+    new blocks of :mod:`dropkit.block_cache`, and every such output where that cache is off. Only
     the whole 2 MiB pages inside the block are advised; elsewhere (no such kernel, THP always or
     never, CUDA tensors) this is plain ``torch.empty_like``. A kernel short of free 2 MiB blocks
     may compact memory at the first write (the usual price of huge pages); ``DROPKIT_HUGE_PAGES=off``
