@@ -57,11 +57,16 @@ def test_outputs_have_the_dtype_and_shape_asked_and_hold_what_is_written(cache):
         out.resize_(2 * out.numel())
 
 
-def test_free_blocks_beyond_the_limit_are_dropped(cache):
+def test_past_the_limit_the_least_recently_freed_blocks_go(cache):
     x = torch.randn(2**18 // 4)  # 256 KiB: five of them, four fit the 1 MiB limit
     outs = [cache.empty_like(x) for _ in range(5)]
     del outs
     assert cache.cached_bytes() == 2**20
+    other = cache.empty_like(torch.randn(2**17 // 4))  # another size, freed last: it stays
+    address = other.data_ptr()
+    del other
+    assert cache.cached_bytes() == 2**20 - 2**18 + 2**17
+    assert cache.empty_like(torch.randn(2**17 // 4)).data_ptr() == address
     cache.empty_cache()
     assert cache.cached_bytes() == 0
 

@@ -17,7 +17,7 @@ seen as a numpy byte array. Each output is ``torch.from_numpy`` of a fresh view 
 a finalizer on that view puts the block back in the cache when the last tensor that shares its
 storage is freed, never earlier: views and autograd's saved tensors keep it out. Free blocks are
 kept up to ``DROPKIT_BLOCK_CACHE`` MiB (default 1024; ``0`` turns the cache off and every output
-is allocated by torch); a block that would go beyond it is unmapped. :func:`empty_cache` unmaps
+is allocated by torch); beyond it, the least recently freed blocks are unmapped. :func:`empty_cache` unmaps
 every free block.
 
 One difference from a tensor torch allocates: the storage of a cached output cannot be resized
@@ -48,7 +48,8 @@ MIN_BYTES = heap.HUGE_PAGE_MIN_BYTES
 # reentrant: a garbage collection inside a locked section may free a cached output, whose
 # finalizer then takes the lock again on the same thread
 _lock = threading.RLock()
-_free: dict[int, list[np.ndarray]] = {}
+#: free blocks, the least recently freed first
+_free: list[np.ndarray] = []
 _free_bytes = 0
 
 
@@ -100,19 +101,22 @@ def empty_like(x: torch.Tensor) -> torch.Tensor:
 
 
 def _take(nbytes: int) -> np.ndarray | None:
+    """The most recently freed block of ``nbytes``, out of the cache; None if there is none."""
     global _free_bytes
     with _lock:
-        blocks = _free.get(nbytes)
-        if not blocks:
-            return None
-        _free_bytes -= nbytes
-        return blocks.pop()
+        for i in range(len(_free) - 1, -1, -1):
+            if _free[i].nbytes == nbytes:
+                _free_bytes -= nbytes
+                return _free.pop(i)
+    return None
 
 
 def _give_back(block: np.ndarray) -> None:
+    """Keep a freed block; past the limit, let the least recently freed blocks go (unmapped with
+    their last reference), so the sizes in use now stay cached when the sizes in use change."""
     global _free_bytes
     with _lock:
-        if _free_bytes + block.nbytes <= limit_bytes():
-            _free.setdefault(block.nbytes, []).append(block)
-            _free_bytes += block.nbytes
-        # else: dropped here, and unmapped with its last reference
+        _free.append(block)
+        _free_bytes += block.nbytes
+        while _free_bytes > limit_bytes():
+            _free_bytes -= _free.pop(0).nbytes
