@@ -1,6 +1,7 @@
 """The cache of large output blocks: a block is handed out again only once nothing uses it, the
 limit holds, the cache can be turned off, and the kernels give the same numbers from reused memory."""
 
+import os
 import threading
 
 import pytest
@@ -128,3 +129,13 @@ def test_seed_mode_gradient_from_a_reused_block_regenerates_the_mask(cache):
         x.grad = None
     keep = kernels.reference.keep_mask(11, 0.5, tuple(x.shape))
     assert torch.equal(grads[0], keep * 2.0) and torch.equal(grads[1], grads[0])
+
+
+def test_the_default_limit_is_a_gibibyte_or_a_sixteenth_of_the_memory(monkeypatch):
+    monkeypatch.delenv(block_cache.ENV, raising=False)
+    block_cache.limit_bytes.cache_clear()
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        assert block_cache.limit_bytes() == min(2**30, memory // 16 // 2**20 * 2**20)
+    finally:
+        block_cache.limit_bytes.cache_clear()

@@ -16,8 +16,8 @@ How. A block is a private anonymous ``mmap`` (advised to use huge pages, :func:`
 seen as a numpy byte array. Each output is ``torch.from_numpy`` of a fresh view of its block, and
 a finalizer on that view puts the block back in the cache when the last tensor that shares its
 storage is freed, never earlier: views and autograd's saved tensors keep it out. Free blocks are
-kept up to ``DROPKIT_BLOCK_CACHE`` MiB (default 1024; ``0`` turns the cache off and every output
-is allocated by torch); beyond it, the least recently freed blocks are unmapped. :func:`empty_cache` unmaps
+kept up to ``DROPKIT_BLOCK_CACHE`` MiB (default 1024, or a sixteenth of the machine's memory
+if that is less; ``0`` turns the cache off and every output is allocated by torch); beyond it, the least recently freed blocks are unmapped. :func:`empty_cache` unmaps
 every free block.
 
 One difference from a tensor torch allocates: the storage of a cached output cannot be resized
@@ -41,6 +41,7 @@ __all__ = ["ENV", "MIN_BYTES", "cached_bytes", "empty_cache", "empty_like", "lim
 
 #: the environment variable that sets the cache's limit, in MiB of free blocks (0: no cache)
 ENV = "DROPKIT_BLOCK_CACHE"
+#: the default limit: 1 GiB, or a sixteenth of the machine's memory if that is less
 DEFAULT_LIMIT_MIB = 1024
 #: outputs from this size on come from the cache: glibc maps every block this large afresh
 MIN_BYTES = heap.HUGE_PAGE_MIN_BYTES
@@ -64,10 +65,18 @@ os.register_at_fork(after_in_child=_reset_lock_in_child)
 @functools.cache
 def limit_bytes() -> int:
     """Most bytes of free blocks the cache keeps (read from ``DROPKIT_BLOCK_CACHE`` once); 0: no cache."""
-    text = os.environ.get(ENV, str(DEFAULT_LIMIT_MIB))
+    text = os.environ.get(ENV, str(_default_limit_mib()))
     if not text.strip().isdigit():
         raise ValueError(f"{ENV} must be a whole number of MiB >= 0 (0 turns the cache off), got {text!r}")
     return int(text) * 2**20
+
+
+def _default_limit_mib() -> int:
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # no such query on this system
+        return DEFAULT_LIMIT_MIB
+    return min(DEFAULT_LIMIT_MIB, memory // 16 // 2**20)
 
 
 def cached_bytes() -> int:
