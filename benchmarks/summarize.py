@@ -18,7 +18,8 @@ def _over(case: dict, baseline: str) -> str:
     """"fwd seed / bits, fwd+bwd seed / bits" over ``baseline``, or "-" for results made before it existed."""
     if f"fwd_over_{baseline}" not in case:
         return "-"
-    return ", ".join(" / ".join(f"{case[f'{kind}_over_{baseline}'][i]:.2f}" for i in IMPLS[1:]) for kind in ("fwd", "fwd_bwd"))
+    return ", ".join(" / ".join(f"{case[f'{kind}_over_{baseline}'][i]:.2f}" for i in IMPLS[1:])
+                     for kind in ("fwd", "fwd_bwd"))
 
 
 def kernels_table(result: dict) -> str:
@@ -42,8 +43,8 @@ def kernels_table(result: dict) -> str:
         speed = " / ".join(f"{case['speedup_vs_torch']['fwd'][i]:.1f}x" for i in IMPLS[1:])
         speed_bwd = " / ".join(f"{case['speedup_vs_torch']['fwd_bwd'][i]:.1f}x" for i in IMPLS[1:])
         saved = " / ".join(f"{case['saved_bytes_per_element'][i]:.3g}" for i in IMPLS)
-        lines.append(f"| {case['dtype']} | {size} | {case['p']} | {copy} | {fwd} | {over} | {over_bwd} | {cached} | {huge} "
-                     f"| {speed} | {speed_bwd} | {saved} |")
+        lines.append(f"| {case['dtype']} | {size} | {case['p']} | {copy} | {fwd} | {over} | {over_bwd} | {cached} "
+                     f"| {huge} | {speed} | {speed_bwd} | {saved} |")
     return "\n".join(lines)
 
 

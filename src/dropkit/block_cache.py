@@ -12,13 +12,14 @@ again, as torch's CUDA caching allocator does on the GPU: the kernel then writes
 is mapped and resident already. Outputs below that size come from the C heap, which
 :func:`dropkit.heap.retain_freed_memory` keeps mapped.
 
-How. A block is a private anonymous ``mmap`` (advised to use huge pages, :func:`dropkit.heap.advise_huge_pages`)
-seen as a numpy byte array. Each output is ``torch.from_numpy`` of a fresh view of its block, and
-a finalizer on that view puts the block back in the cache when the last tensor that shares its
-storage is freed, never earlier: views and autograd's saved tensors keep it out. Free blocks are
-kept up to ``DROPKIT_BLOCK_CACHE`` MiB (default 1024, or a sixteenth of the machine's memory
-if that is less; ``0`` turns the cache off and every output is allocated by torch); beyond it, the least recently freed blocks are unmapped. :func:`empty_cache` unmaps
-every free block.
+How. A block is a private anonymous ``mmap`` (advised to use huge pages,
+:func:`dropkit.heap.advise_huge_pages`) seen as a numpy byte array. Each output is
+``torch.from_numpy`` of a fresh view of its block, and a finalizer on that view puts the block back
+in the cache when the last tensor that shares its storage is freed, never earlier: views and
+autograd's saved tensors keep it out. Free blocks are kept up to ``DROPKIT_BLOCK_CACHE`` MiB
+(default 1024, or a sixteenth of the machine's memory if that is less; ``0`` turns the cache off
+and every output is allocated by torch); beyond it, the least recently freed blocks are unmapped.
+:func:`empty_cache` unmaps every free block.
 
 One difference from a tensor torch allocates: the storage of a cached output cannot be resized
 (``resize_`` raises), as for any tensor made by ``torch.from_numpy``.
