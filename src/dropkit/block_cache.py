@@ -96,7 +96,7 @@ def empty_cache() -> None:
 def empty_like(x: torch.Tensor) -> torch.Tensor:
     """``torch.empty_like(x)`` (contiguous); for a CPU tensor of :data:`MIN_BYTES` or more, in a
     block of the cache (see the module docstring), else as :func:`dropkit.heap.huge_page_empty_like`."""
-    nbytes = x.numel() * x.element_size()
+    nbytes = x.nbytes
     if x.device.type != "cpu" or nbytes < MIN_BYTES or limit_bytes() == 0:
         return heap.huge_page_empty_like(x)
     block = _take(nbytes)
