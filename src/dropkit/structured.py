@@ -17,11 +17,17 @@ the gather and the gradient scatter cost ``G`` copies of the kept slices, the pr
 same whatever ``G``.
 
 Choosing ``G`` (BENCHMARKS.md, 2-core CPU, MLP 784-W-W-10, p = 0.5): about 64 examples per
-group keeps the step at about 0.5-0.65x of a step without dropout, and accuracy close to standard
-dropout's. With shared masks the same objective is optimised with a noisier gradient, so at equal
-epochs a structured run trails a little, less the longer it trains: on Fashion-MNIST with 64 per
-group, -0.28 points after 8 epochs and -0.12 after 40. Per unit of wall-clock it is ahead, since
+group keeps the step at 0.48-0.73x of a step without dropout (the top of that range at width
+1024), and accuracy close to standard dropout's. With shared masks the same objective is
+optimised with a noisier gradient, so at equal epochs a structured run trails a little, less the
+longer it trains: on Fashion-MNIST with 64 per group, -0.28 points after 8 epochs and -0.12
+after 40. Per unit of wall-clock it is ahead, since
 an epoch takes about half the time.
+
+Where it does not pay: light dropout. At p = 0.3 the hidden-to-hidden product only shrinks to
+about half, and with 64 examples per group the step took 0.87-1.19x of a step without dropout
+(widths 1024-4096); fewer, larger groups (G = 1 or 2 at batch 256-512) took 0.59-1.00x, under
+0.75x in 7 of 12 cells, but share their noise among more examples and regularise less.
 
 Gradients. The custom backward computes each group's slice gradient with one batched product
 and adds all groups' slices into a full-size weight gradient in one pass (a compiled kernel that
