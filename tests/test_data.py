@@ -83,6 +83,18 @@ def test_missing_file_and_corrupt_gzip_name_the_file(tmp_path):
     _assert_error_names(err, corrupt, "gzip")
 
 
+@pytest.mark.parametrize(("stem", "array", "words"), [
+    ("train-images-idx3-ubyte.gz", np.zeros((40, 784), np.uint8), ("expected 3-D uint8 images", "2-D")),
+    ("train-labels-idx1-ubyte.gz", np.zeros((40, 1), np.uint8), ("expected 1-D labels", "2-D")),
+])
+def test_image_and_label_files_of_the_wrong_rank_are_named(tmp_path, stem, array, words):
+    folder = write_idx_folder(tmp_path / "d")
+    path = write_idx(folder / stem, array)
+    with pytest.raises(ValueError) as err:
+        load_idx_folder(folder)
+    _assert_error_names(err, path, *words)
+
+
 @pytest.mark.parametrize("gz", [True, False])
 def test_load_idx_folder_reads_raw_and_gz(tmp_path, gz):
     folder = write_idx_folder(tmp_path / "d", n_train=7, n_test=3, gz=gz)

@@ -38,13 +38,27 @@ def test_training_is_a_required_keyword():
         DF.dropout(torch.ones(3), 0.5)  # forgetting training must not leave dropout silently on
 
 
-@pytest.mark.parametrize("op", MASK_OPS + [DF.dropout2d, DF.locked_dropout, DF.drop_path])
+def _drop_block_1(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    return DF.drop_block2d(x, p, 1, training=training)
+
+
+@pytest.mark.parametrize("op", MASK_OPS + [DF.dropout2d, DF.locked_dropout, DF.drop_path, _drop_block_1])
 def test_p1_gives_zeros_and_zero_gradients_even_for_inf(op):
     x = torch.tensor([[[[1.0, float("inf")], [-float("inf"), 3.0]]]], requires_grad=True)
     y = op(x, 1.0, training=True)
     assert torch.equal(y, torch.zeros_like(y))
     y.sum().backward()
     assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("op", MASK_OPS + [DF.relu_dropout, DF.dropout2d, DF.locked_dropout, DF.drop_path,
+                                _drop_block_1])
+def test_empty_input_gives_a_new_empty_output_with_a_gradient_path(op):
+    x = torch.ones(0, 2, 3, 3, requires_grad=True)
+    y = op(x, 0.5, training=True)
+    assert y.shape == x.shape and y is not x
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
 
 
 # --- statistics and exact values ----------------------------------------------------------------
@@ -275,6 +289,22 @@ def test_block_size_larger_than_feature_map_is_rejected():
 def test_bad_seed_is_rejected():
     with pytest.raises(ValueError, match="seed must be an int"):
         DF.dropout(torch.ones(3), 0.5, training=True, seed=-1)
+
+
+def test_non_tensor_input_is_rejected():
+    with pytest.raises(TypeError, match="input must be a torch.Tensor, got list"):
+        DF.dropout([1.0, 2.0], 0.5, training=True)
+
+
+@pytest.mark.parametrize(("op", "x", "message"), [
+    (DF.feature_alpha_dropout, torch.ones(4), r"feature_alpha_dropout expects .*at least 2 dims .*\[4\]"),
+    (DF.locked_dropout, torch.ones(4), r"locked_dropout expects .*at least 2 dims .*\[4\]"),
+    (DF.drop_path, torch.tensor(1.0), "drop_path expects an input with a batch dimension"),
+    (_drop_block_1, torch.ones(1, 5, 5), r"drop_block2d expects a 4-D \(N, C, H, W\) input, got shape \[1, 5, 5\]"),
+])
+def test_ops_name_the_input_rank_they_need(op, x, message):
+    with pytest.raises(ValueError, match=message):
+        op(x, 0.5, training=True)
 
 
 def test_channel_dropout_rejects_wrong_rank():

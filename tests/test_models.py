@@ -125,3 +125,14 @@ def test_build_model_errors_name_the_problem():
         build_model("srivastava_mlp", p=0.1, p_hidden=0.2)
     with pytest.raises(ValueError, match=r"p .*\[0, 1\].*1\.5"):
         build_model("tutorial_mlp", p=1.5)
+
+
+@pytest.mark.parametrize(("build", "message"), [
+    (lambda: build_model("srivastava_mlp", depth=0), "depth must be >= 1, got 0"),
+    (lambda: build_model("lstm", layers=0), "layers must be >= 1, got 0"),
+    (lambda: main_rate("mlp"), "unknown model 'mlp'.*tutorial_mlp"),
+    (lambda: output_layer(nn.Sequential(nn.Flatten(), nn.ReLU())), "Sequential has no nn.Linear output layer"),
+])
+def test_model_shapes_and_lookups_name_what_is_wrong(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()

@@ -313,6 +313,14 @@ def test_convert_structured_rejects_what_it_cannot_keep_exact(model, message):
 
 
 def test_settings_are_validated():
+    with pytest.raises(ValueError, match=r"sizes needs at least \[in, out\], got \[4\]"):
+        S.StructuredLinearStack([4], 0.5)
+    with pytest.raises(ValueError, match="layer widths do not chain"):
+        S.StructuredLinearStack.from_linears([nn.Linear(4, 8), nn.Linear(6, 2)], 0.5)
+    with pytest.raises(ValueError, match="groups must be >= 1, got 0"):
+        S.sample_kept(0, 8, 0.5)
+    with pytest.raises(ValueError, match=r"only Flatten\(1, -1\) can lead"):
+        S.from_sequential(nn.Sequential(nn.Flatten(0), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
     with pytest.raises(ValueError, match="block_size"):
         S.StructuredLinearStack([4, 10, 2], 0.5, block_size=3)
     with pytest.raises(ValueError, match="keeps no block"):
@@ -323,6 +331,15 @@ def test_settings_are_validated():
         S.StructuredLinearStack([4, 8, 8, 2], [0.5])
     with pytest.raises(ValueError, match="p must be"):
         S.StructuredLinearStack([4, 8, 2], 1.5)
+
+
+def test_the_functional_stack_checks_its_kept_sets_and_batch():
+    layers = [nn.Linear(4, 8), nn.Linear(8, 2)]
+    kept = [None, S.sample_kept(2, 8, 0.5)]
+    with pytest.raises(ValueError, match=r"need one kept entry per layer \(2\), got 1"):
+        S.structured_linear_stack(torch.ones(4, 4), layers, kept[:1], nn.ReLU(), 2)
+    with pytest.raises(ValueError, match="batch 5 is not divisible by groups=2"):
+        S.structured_linear_stack(torch.ones(5, 4), layers, kept, nn.ReLU(), 2)
 
 
 def test_optimizers_see_ordinary_parameters():
