@@ -11,7 +11,9 @@ Pure copies (gathers, eval outputs through identical ops) are compared bit for b
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from torch import nn
 import dropkit
 from dropkit import nn as dnn
 from dropkit import structured as S
+from dropkit.cli import main
 
 TOL = {"rtol": 1e-10, "atol": 1e-10}
 
@@ -377,3 +380,28 @@ def test_torch_compile_eval_and_training():
     twin(x).sum().backward()
     for a, b in zip(net.parameters(), twin.parameters()):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("command", [["bench", "structured"], ["bench-structured"]])
+def test_bench_structured_prints_one_row_per_width_and_batch(capsys, command):
+    assert main(command + ["--widths", "16", "--batches", "8", "--p", "0.5", "--groups", "1", "2",
+                           "--repeats", "1", "--warmup", "0", "--threads", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["environment"]["llvm_cpu"] and result["threads"] == 1
+    [row] = result["results"]
+    assert (row["width"], row["batch"]) == (16, 8) and row["none_ms"] > 0
+    kinds = [(v["kind"], v["p"], v.get("groups")) for v in row["variants"]]
+    assert kinds == [("torch", 0.5, None), ("dropkit", 0.5, None), ("structured", 0.5, 1), ("structured", 0.5, 2)]
+    for variant in row["variants"]:
+        assert variant["vs_none"] == pytest.approx(variant["ms"] / row["none_ms"], rel=0.01, abs=1e-3)
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    (["--p", "1.0"], r"--p values must be in \(0, 1\)"),
+    (["--groups", "0"], "--groups must all be >= 1"),
+    (["--widths", "0"], "--widths must all be >= 1"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+])
+def test_bench_structured_names_a_bad_option(capsys, option, message):
+    assert main(["bench", "structured", *option]) == 2
+    assert re.search(message, capsys.readouterr().err)

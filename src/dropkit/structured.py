@@ -370,7 +370,7 @@ def _gather_weights(weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
 WEIGHT_GRADS = ("auto", "grouped", "dense")
 
 #: what one element of a group's weight-gradient slice costs (its product output, its write and
-#: read, its scatter-add), in multiply-adds of a dense product. Bounded by `dropkit bench-structured`
+#: read, its scatter-add), in multiply-adds of a dense product. Bounded by `dropkit bench structured`
 #: on the 2-core AMD EPYC VM (one thread, slices in a Workspace): at p = 0.5 and 32 examples per
 #: group the grouped way was still the faster (so the cost is below 96), at p = 0.3 and 64 per
 #: group the dense way (so above 67); see BENCHMARKS.md

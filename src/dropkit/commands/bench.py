@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 
 from dropkit import bench, rng
+from dropkit.commands import bench_structured
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "bench", help="time dropkit's dropout against torch's and a copy; prints JSON",
-        description="Examples: dropkit bench kernels --sizes 20 24;  dropkit bench step",
+        description="Examples: dropkit bench kernels --sizes 20 24;  dropkit bench step;  dropkit bench structured --quick",
     )
     which = parser.add_subparsers(dest="benchmark", required=True)
     kernels = which.add_parser("kernels", help="forward and forward+backward of dropout vs copy and torch")
@@ -30,6 +31,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     step.add_argument("--out", help="also write the JSON to this file")
     _add_rate_bits(step)
     step.set_defaults(func=run_step)
+    bench_structured.add_arguments(which.add_parser("structured", help=bench_structured.HELP,
+                                                    description=bench_structured.__doc__.split("\n\n")[0]))
 
 
 def _add_rate_bits(parser: argparse.ArgumentParser) -> None:

@@ -1,4 +1,7 @@
-"""``dropkit bench-structured``: training-step time of structured dropout against dense MLPs, as JSON.
+"""``dropkit bench structured``: training-step time of structured dropout against dense MLPs, as JSON.
+
+``dropkit bench-structured`` is the same command under the name the earlier figures in
+BENCHMARKS.md were made with.
 
 For each width W and batch B, the MLP 784-W-W-10 takes full training steps (forward, cross-entropy,
 backward, SGD step) in these variants, all from the same initial weights and input:
@@ -28,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dropkit import nn as dnn
-from dropkit.bench import emit_json
+from dropkit.bench import emit_json, environment
 from dropkit.structured import WEIGHT_GRADS, StructuredLinearStack
 
 IN_FEATURES = 784
@@ -119,9 +122,10 @@ def run(args: argparse.Namespace) -> dict:
                         entry["meets_target"] = sec / none_s <= TARGETS[p]
                 row["variants"].append(entry)
             rows.append(row)
-            print(f"bench-structured: W={width} B={batch} done", file=sys.stderr, flush=True)
+            print(f"bench structured: W={width} B={batch} done", file=sys.stderr, flush=True)
     return {
         "benchmark": "structured dropout training step, MLP 784-W-W-10, forward+backward+SGD step",
+        "environment": environment(),
         "threads": threads,
         "torch": torch.__version__,
         "repeats": args.repeats,
@@ -138,15 +142,34 @@ def main(args: argparse.Namespace) -> int:
     if args.quick:
         args.widths, args.batches, args.p, args.groups = [1024, 2048], [256], [0.5], [1, 4]
         args.repeats = min(args.repeats, 5)
+    _check_args(args)
     return emit_json(run(args), args.out)
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Raise ValueError naming the first option outside its range, before any model is built."""
+    for name in ("widths", "batches", "groups"):
+        values = getattr(args, name)
+        if any(v < 1 for v in values):
+            raise ValueError(f"--{name} must all be >= 1, got {values}")
+    if any(not 0.0 < p < 1.0 for p in args.p):
+        raise ValueError(f"--p values must be in (0, 1), got {args.p}")
+    if args.repeats < 1 or args.warmup < 0:
+        raise ValueError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
+
+
+HELP = "step time of structured dropout vs no dropout and standard dropout (JSON)"
+
+
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "bench-structured",
-        help="step time of structured dropout vs no dropout and standard dropout (JSON)",
-        description=__doc__.split("\n\n")[0],
-    )
+    """``dropkit bench-structured``: the earlier name of ``dropkit bench structured``."""
+    add_arguments(subparsers.add_parser("bench-structured", help=HELP, description=__doc__.split("\n\n")[0]))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the structured-step benchmark, and its handler, on ``parser``."""
     parser.add_argument("--widths", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--batches", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--p", type=float, nargs="+", default=[0.3, 0.5])
