@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from dropkit.cli import main
 from dropkit.compare import p_settings, reg_settings, run_settings, summarise
 from dropkit.report import write_report
 from dropkit.train import TrainConfig
@@ -69,3 +70,15 @@ def test_compare_end_to_end_on_a_slice(tmp_path):
     assert summary["baseline"] == "p=0" and summary["settings"][1]["p"] == 0.5
     with pytest.raises(ValueError, match="settings must differ"):
         run_settings(base, p_settings([0.5, 0.5]), tmp_path)
+
+
+def test_compare_command_writes_the_report_and_prints_the_table(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--p", "0", "0.5", "--epochs", "1", "--limit-train", "1000", "--limit-test", "300",
+                 "--val-size", "200", "--batch-size", "100", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "2 settings x 1 epochs of tutorial_mlp on mnist" in printed
+    assert "p=0 " in printed and "p=0.5 " in printed and f"report: {out / 'report.html'}" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert [run["label"] for run in report["runs"]] == ["p=0", "p=0.5"]
+    assert report["summary"]["best_on_validation"] in ("p=0", "p=0.5")
