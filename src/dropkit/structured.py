@@ -21,8 +21,7 @@ group keeps the step at 0.48-0.73x of a step without dropout (the top of that ra
 1024), and accuracy close to standard dropout's. With shared masks the same objective is
 optimised with a noisier gradient, so at equal epochs a structured run trails a little, less the
 longer it trains: on Fashion-MNIST with 64 per group, -0.28 points after 8 epochs and -0.12
-after 40. Per unit of wall-clock it is ahead, since
-an epoch takes about half the time.
+after 40. Per unit of wall-clock it is ahead, since an epoch takes about half the time.
 
 Where it does not pay: light dropout. At p = 0.3 the hidden-to-hidden product only shrinks to
 about half, and with 64 examples per group the step took 0.87-1.19x of a step without dropout

@@ -38,6 +38,8 @@ IN_FEATURES = 784
 CLASSES = 10
 #: the issue's targets: structured step / no-dropout step at most this, by p
 TARGETS = {0.5: 0.6, 0.3: 0.75}
+#: the command's one-line help, under both of its names
+HELP = "step time of structured dropout vs no dropout and standard dropout (JSON)"
 
 
 def _mlp(linears: list[nn.Linear], dropout: Callable[[], nn.Module] | None) -> nn.Sequential:
@@ -158,9 +160,6 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
-
-
-HELP = "step time of structured dropout vs no dropout and standard dropout (JSON)"
 
 
 def add_parser(subparsers) -> None:
