@@ -11,9 +11,12 @@ backward, SGD step) in these variants, all from the same initial weights and inp
 * ``structured``: :class:`dropkit.structured.StructuredLinearStack` with ``G`` groups (weight
   gradients formed as ``--weight-grad`` says; ``auto`` by default, as in training).
 
-Variants take turns step by step (round robin), so a burst of load from other processes on a
-shared machine slows all of them alike instead of one; each figure is the median over
-``--repeats`` rounds. The load average before and after is recorded next to the figures.
+Each comparison (one width, batch and rate: no dropout, torch and dropkit dropout, and every
+``G``) is timed on its own: its variants take turns step by step (round robin), so a burst of load
+from other processes on a shared machine slows all of them alike instead of one, and each step
+follows only the other steps of that comparison, as in a training loop where one model runs.
+Each figure is the median over ``--repeats`` rounds. The load average before and after is
+recorded next to the figures.
 """
 
 from __future__ import annotations
@@ -101,6 +104,23 @@ def time_steps(steps: dict[tuple, Callable[[], None]], repeats: int, warmup: int
     return {key: statistics.median(ts) for key, ts in times.items()}
 
 
+def _row(width: int, batch: int, rate: float, medians: dict[tuple, float]) -> dict:
+    """One comparison's figures: every variant against the no-dropout step of the same round robin."""
+    none_s = medians[("none", 0.0, 0)]
+    row = {"width": width, "batch": batch, "p": rate, "none_ms": round(none_s * 1e3, 3), "variants": []}
+    for (kind, p, g), sec in medians.items():
+        if kind == "none":
+            continue
+        entry = {"kind": kind, "p": p, "ms": round(sec * 1e3, 3), "vs_none": round(sec / none_s, 3)}
+        if kind == "structured":
+            entry["groups"] = g
+            entry["vs_torch_dropout"] = round(sec / medians[("torch", p, 0)], 3)
+            if p in TARGETS:
+                entry["meets_target"] = sec / none_s <= TARGETS[p]
+        row["variants"].append(entry)
+    return row
+
+
 def run(args: argparse.Namespace) -> dict:
     threads = args.threads or torch.get_num_threads()
     load_before = os.getloadavg()
@@ -109,22 +129,13 @@ def run(args: argparse.Namespace) -> dict:
         models = _variants(width, args.p, args.groups, args.weight_grad)
         for batch in args.batches:
             x, y = step_inputs(batch)
-            steps = {key: _step_fn(m, x, y, args.lr, args.momentum) for key, m in models.items()}
-            medians = time_steps(steps, args.repeats, args.warmup, threads)
-            none_s = medians[("none", 0.0, 0)]
-            row = {"width": width, "batch": batch, "none_ms": round(none_s * 1e3, 3), "variants": []}
-            for (kind, p, g), sec in medians.items():
-                if kind == "none":
-                    continue
-                entry = {"kind": kind, "p": p, "ms": round(sec * 1e3, 3), "vs_none": round(sec / none_s, 3)}
-                if kind == "structured":
-                    entry["groups"] = g
-                    entry["vs_torch_dropout"] = round(sec / medians[("torch", p, 0)], 3)
-                    if p in TARGETS:
-                        entry["meets_target"] = sec / none_s <= TARGETS[p]
-                row["variants"].append(entry)
-            rows.append(row)
-            print(f"bench structured: W={width} B={batch} done", file=sys.stderr, flush=True)
+            for rate in args.p:
+                # one comparison, one round robin: its own models only
+                keys = [key for key in models if key[0] == "none" or key[1] == rate]
+                steps = {key: _step_fn(models[key], x, y, args.lr, args.momentum) for key in keys}
+                medians = time_steps(steps, args.repeats, args.warmup, threads)
+                rows.append(_row(width, batch, rate, medians))
+                print(f"bench structured: W={width} B={batch} p={rate} done", file=sys.stderr, flush=True)
     return {
         "benchmark": "structured dropout training step, MLP 784-W-W-10, forward+backward+SGD step",
         "environment": environment(),
