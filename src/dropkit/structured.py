@@ -25,8 +25,8 @@ after 40. Per unit of wall-clock it is ahead, since an epoch takes about half th
 
 Lighter dropout pays less. At p = 0.3 the hidden-to-hidden product only shrinks to about half,
 but groups can be larger: 128 examples per group trained as well as standard dropout on MNIST
-and Fashion-MNIST (within 0.05 points after 8 epochs), and the step took 0.70-0.85x of one
-without dropout (widths 1024-4096, the top at 1024; one run at width 4096, batch 256: 1.06x).
+and Fashion-MNIST (within 0.05 points after 8 epochs), and the step took 0.70-0.74x of one
+without dropout at widths 2048 and 4096, 0.73-0.85x at width 1024.
 Groups of one or two per batch regularise less (Fashion-MNIST, p = 0.3: -0.97 and -0.35 points).
 
 Gradients. The custom backward computes each group's slice gradient with one batched product
