@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 from pathlib import Path
 
@@ -440,3 +441,15 @@ def test_bench_kernels_command_prints_json_at_the_rate_resolution_asked(capsys):
     assert set(case["fwd_over_copy_cached"]) == set(case["fwd_bwd_over_copy_huge"]) == {"torch", "dropkit_seed",
                                                                                          "dropkit_bits"}
     assert result["environment"]["block_cache_mib"] == block_cache.limit_bytes() // 2**20
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["kernels", "--p", "0"], r"argument --p: must be in \(0, 1\), got 0"),
+    (["step", "--p", "1"], r"argument --p: must be in \(0, 1\), got 1"),
+    (["step", "--repeats", "0"], "argument --repeats: must be an integer >= 1, got 0"),
+])
+def test_bench_commands_name_a_bad_option(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", *argv])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)

@@ -399,11 +399,13 @@ def test_bench_structured_prints_one_row_per_comparison(capsys, command):
 
 
 @pytest.mark.parametrize(("option", "message"), [
-    (["--p", "1.0"], r"--p values must be in \(0, 1\)"),
-    (["--groups", "0"], "--groups must all be >= 1"),
-    (["--widths", "0"], "--widths must all be >= 1"),
-    (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--p", "1.0"], r"argument --p: must be in \(0, 1\), got 1.0"),
+    (["--groups", "0"], "argument --groups: must be an integer >= 1, got 0"),
+    (["--widths", "0"], "argument --widths: must be an integer >= 1, got 0"),
+    (["--repeats", "0"], "argument --repeats: must be an integer >= 1, got 0"),
 ])
 def test_bench_structured_names_a_bad_option(capsys, option, message):
-    assert main(["bench", "structured", *option]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "structured", *option])
+    assert exit_info.value.code == 2
     assert re.search(message, capsys.readouterr().err)

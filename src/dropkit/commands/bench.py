@@ -6,6 +6,7 @@ import argparse
 
 from dropkit import bench, rng
 from dropkit.commands import bench_structured
+from dropkit.commands.options import int_at_least
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -19,15 +20,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                          help="input sizes as powers of two (default: %(default)s)")
     kernels.add_argument("--dtypes", nargs="+", default=list(bench.DEFAULT_DTYPES),
                          choices=["float32", "float64", "bfloat16", "float16"], help="(default: %(default)s)")
-    kernels.add_argument("--p", type=float, nargs="+", default=list(bench.DEFAULT_PS), help="(default: %(default)s)")
-    kernels.add_argument("--repeats", type=int, default=7, help="samples per figure; the median is kept")
+    kernels.add_argument("--p", type=bench_structured.RATE, nargs="+", default=list(bench.DEFAULT_PS), help="(default: %(default)s)")
+    kernels.add_argument("--repeats", type=int_at_least(1), default=7, help="samples per figure; the median is kept")
     kernels.add_argument("--out", help="also write the JSON to this file")
     _add_rate_bits(kernels)
     kernels.set_defaults(func=run_kernels)
     step = which.add_parser("step", help="train step of a 784-1024-1024-10 MLP with and without dropout")
     step.add_argument("--batch", type=int, default=256)
-    step.add_argument("--p", type=float, default=0.5)
-    step.add_argument("--repeats", type=int, default=15, help="samples per figure; the median is kept")
+    step.add_argument("--p", type=bench_structured.RATE, default=0.5)
+    step.add_argument("--repeats", type=int_at_least(1), default=15, help="samples per figure; the median is kept")
     step.add_argument("--out", help="also write the JSON to this file")
     _add_rate_bits(step)
     step.set_defaults(func=run_step)
@@ -42,9 +43,6 @@ def _add_rate_bits(parser: argparse.ArgumentParser) -> None:
 
 def run_kernels(args: argparse.Namespace) -> int:
     rng.set_rate_bits(args.rate_bits)
-    for p in args.p:
-        if not 0.0 < p < 1.0:
-            raise ValueError(f"--p values must be in (0, 1), got {p}")
     if any(not 0 <= k <= 30 for k in args.sizes):
         raise ValueError(f"--sizes are powers of two in [0, 30], got {args.sizes}")
     return bench.emit_json(bench.bench_kernels(tuple(args.dtypes), tuple(args.sizes), tuple(args.p), args.repeats),
@@ -53,6 +51,4 @@ def run_kernels(args: argparse.Namespace) -> int:
 
 def run_step(args: argparse.Namespace) -> int:
     rng.set_rate_bits(args.rate_bits)
-    if not 0.0 < args.p < 1.0:
-        raise ValueError(f"--p must be in (0, 1), got {args.p}")
     return bench.emit_json(bench.bench_step(args.batch, args.p, args.repeats), args.out)

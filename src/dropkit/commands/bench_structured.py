@@ -35,12 +35,15 @@ from torch import nn
 
 from dropkit import nn as dnn
 from dropkit.bench import emit_json, environment
+from dropkit.commands.options import float_in, int_at_least
 from dropkit.structured import WEIGHT_GRADS, StructuredLinearStack
 
 IN_FEATURES = 784
 CLASSES = 10
 #: the issue's targets: structured step / no-dropout step at most this, by p
 TARGETS = {0.5: 0.6, 0.3: 0.75}
+#: a drop rate the benchmarks time: strictly between 0 (nothing to drop) and 1 (nothing kept)
+RATE = float_in(0, 1, low_open=True, high_open=True)
 #: the command's one-line help, under both of its names
 HELP = "step time of structured dropout vs no dropout and standard dropout (JSON)"
 
@@ -155,22 +158,7 @@ def main(args: argparse.Namespace) -> int:
     if args.quick:
         args.widths, args.batches, args.p, args.groups = [1024, 2048], [256], [0.5], [1, 4]
         args.repeats = min(args.repeats, 5)
-    _check_args(args)
     return emit_json(run(args), args.out)
-
-
-def _check_args(args: argparse.Namespace) -> None:
-    """Raise ValueError naming the first option outside its range, before any model is built."""
-    for name in ("widths", "batches", "groups"):
-        values = getattr(args, name)
-        if any(v < 1 for v in values):
-            raise ValueError(f"--{name} must all be >= 1, got {values}")
-    if any(not 0.0 < p < 1.0 for p in args.p):
-        raise ValueError(f"--p values must be in (0, 1), got {args.p}")
-    if args.repeats < 1 or args.warmup < 0:
-        raise ValueError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
-    if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
 
 
 def add_parser(subparsers) -> None:
@@ -180,15 +168,15 @@ def add_parser(subparsers) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of the structured-step benchmark, and its handler, on ``parser``."""
-    parser.add_argument("--widths", type=int, nargs="+", default=[1024, 2048, 4096])
-    parser.add_argument("--batches", type=int, nargs="+", default=[256, 512])
-    parser.add_argument("--p", type=float, nargs="+", default=[0.3, 0.5])
-    parser.add_argument("--groups", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--repeats", type=int, default=7, help="timed rounds; the median is reported")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--widths", type=int_at_least(1), nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--batches", type=int_at_least(1), nargs="+", default=[256, 512])
+    parser.add_argument("--p", type=RATE, nargs="+", default=[0.3, 0.5])
+    parser.add_argument("--groups", type=int_at_least(1), nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--repeats", type=int_at_least(1), default=7, help="timed rounds; the median is reported")
+    parser.add_argument("--warmup", type=int_at_least(0), default=2)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--momentum", type=float, default=0.0)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=int_at_least(0), default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--weight-grad", choices=WEIGHT_GRADS, default="auto",
                         help="how the structured variants form weight gradients (default %(default)s)")
     parser.add_argument("--quick", action="store_true", help="W 1024/2048, B 256, p 0.5, G 1/4, 5 rounds")
