@@ -37,8 +37,8 @@ STEP_FAULTS = textwrap.dedent("""
 """)
 
 
-def _faults_per_step(choice: str) -> tuple[str, float]:
-    env = {**os.environ, heap.ENV: choice, "OMP_NUM_THREADS": "1"}
+def _faults_per_step(choice: str, hash_seed: int = 0) -> tuple[str, float]:
+    env = {**os.environ, heap.ENV: choice, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": str(hash_seed)}
     out = subprocess.run([sys.executable, "-c", STEP_FAULTS], env=env, capture_output=True, text=True, check=True)
     applied, faults = out.stdout.split()
     return applied, float(faults)
@@ -48,10 +48,16 @@ def _faults_per_step(choice: str) -> tuple[str, float]:
 def test_retained_heap_stops_the_page_faults_of_a_training_step():
     applied, retained = _faults_per_step("retain")
     assert applied == "retain"
-    default_applied, default = _faults_per_step("default")
-    assert default_applied == "default"
-    # glibc's defaults hand a step's freed megabytes back to the OS: 1,000-2,000 faults per step here,
-    # 0-30 (the heap still finding its shape) with the memory kept
+    # glibc's defaults hand a step's freed megabytes back to the OS, but how much depends on which
+    # small blocks land at the heap's top, which moves with the addresses, the hash seed and even
+    # the interpreter's path: 406-2,400 faults per step over 37 runs on the VM, one CI run 127.
+    # The most of three layouts stands for the default; with the memory kept a step takes 0-52
+    # (the heap still finding its shape), whatever the layout.
+    default = 0.0
+    for hash_seed in range(3):
+        default_applied, faults = _faults_per_step("default", hash_seed)
+        assert default_applied == "default"
+        default = max(default, faults)
     assert default > 200
     assert retained < default / 10
 
