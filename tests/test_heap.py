@@ -50,7 +50,7 @@ def test_retained_heap_stops_the_page_faults_of_a_training_step():
     assert applied == "retain"
     # glibc's defaults hand a step's freed megabytes back to the OS, but how much depends on which
     # small blocks land at the heap's top, which moves with the addresses, the hash seed and even
-    # the interpreter's path: 406-2,400 faults per step over 37 runs on the VM, one CI run 127.
+    # the interpreter's path: 406-2,400 faults per step over 66 runs on the VM, one CI run 127.
     # The most of three layouts stands for the default; with the memory kept a step takes 0-52
     # (the heap still finding its shape), whatever the layout.
     default = 0.0

@@ -7,7 +7,7 @@ step allocates and frees the same megabyte-sized activations and gradients every
 these defaults a step can give its memory back at the end and page-fault it in again at the next
 one. Measured on the 2-core VM (784-1024-1024-10 MLP, batch 256, one thread; ``BENCHMARKS.md``):
 about 1,400 minor page faults and 3 ms of system time per step with dropout (torch's or
-dropkit's), against 40-170 faults without; 0-30 with the memory kept. The default's count moves
+dropkit's), against 40-170 faults without; 0-50 with the memory kept. The default's count moves
 between identical runs (400-2,400 per step, once 127 on CI): where glibc trims depends on which
 small blocks the addresses and the hash seed put at the heap's top.
 
