@@ -6,7 +6,7 @@ import argparse
 
 from dropkit import bench, rng
 from dropkit.commands import bench_structured
-from dropkit.commands.options import int_at_least
+from dropkit.commands.options import OPEN_RATE, int_at_least
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -20,14 +20,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                          help="input sizes as powers of two (default: %(default)s)")
     kernels.add_argument("--dtypes", nargs="+", default=list(bench.DEFAULT_DTYPES),
                          choices=["float32", "float64", "bfloat16", "float16"], help="(default: %(default)s)")
-    kernels.add_argument("--p", type=bench_structured.RATE, nargs="+", default=list(bench.DEFAULT_PS), help="(default: %(default)s)")
+    kernels.add_argument("--p", type=OPEN_RATE, nargs="+", default=list(bench.DEFAULT_PS), help="(default: %(default)s)")
     kernels.add_argument("--repeats", type=int_at_least(1), default=7, help="samples per figure; the median is kept")
     kernels.add_argument("--out", help="also write the JSON to this file")
     _add_rate_bits(kernels)
     kernels.set_defaults(func=run_kernels)
     step = which.add_parser("step", help="train step of a 784-1024-1024-10 MLP with and without dropout")
     step.add_argument("--batch", type=int, default=256)
-    step.add_argument("--p", type=bench_structured.RATE, default=0.5)
+    step.add_argument("--p", type=OPEN_RATE, default=0.5)
     step.add_argument("--repeats", type=int_at_least(1), default=15, help="samples per figure; the median is kept")
     step.add_argument("--out", help="also write the JSON to this file")
     _add_rate_bits(step)

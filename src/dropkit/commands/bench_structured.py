@@ -35,15 +35,13 @@ from torch import nn
 
 from dropkit import nn as dnn
 from dropkit.bench import emit_json, environment
-from dropkit.commands.options import float_in, int_at_least
+from dropkit.commands.options import OPEN_RATE, int_at_least
 from dropkit.structured import WEIGHT_GRADS, StructuredLinearStack
 
 IN_FEATURES = 784
 CLASSES = 10
 #: the issue's targets: structured step / no-dropout step at most this, by p
 TARGETS = {0.5: 0.6, 0.3: 0.75}
-#: a drop rate the benchmarks time: strictly between 0 (nothing to drop) and 1 (nothing kept)
-RATE = float_in(0, 1, low_open=True, high_open=True)
 #: the command's one-line help, under both of its names
 HELP = "step time of structured dropout vs no dropout and standard dropout (JSON)"
 
@@ -170,7 +168,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of the structured-step benchmark, and its handler, on ``parser``."""
     parser.add_argument("--widths", type=int_at_least(1), nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--batches", type=int_at_least(1), nargs="+", default=[256, 512])
-    parser.add_argument("--p", type=RATE, nargs="+", default=[0.3, 0.5])
+    parser.add_argument("--p", type=OPEN_RATE, nargs="+", default=[0.3, 0.5])
     parser.add_argument("--groups", type=int_at_least(1), nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--repeats", type=int_at_least(1), default=7, help="timed rounds; the median is reported")
     parser.add_argument("--warmup", type=int_at_least(0), default=2)

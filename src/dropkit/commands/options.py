@@ -54,6 +54,10 @@ def int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+#: a drop rate with something to drop and something kept: strictly between 0 and 1 (the benchmarks' ``--p``)
+OPEN_RATE = float_in(0, 1, low_open=True, high_open=True)
+
+
 def model_arg(text: str) -> tuple[str, Any]:
     """``KEY=VALUE`` with VALUE a Python literal (``0.2``, ``True``, ``(32, 64)``) or else a string."""
     key, sep, raw = text.partition("=")
