@@ -18,9 +18,11 @@ The backend is gloo on CPU and NCCL when CUDA is available.
 from __future__ import annotations
 
 import os
+import json
 import socket
 import tempfile
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -109,16 +111,40 @@ class WorkerFailed(RuntimeError):
 
 
 @record
-def _worker(fn: Callable[..., T], args: tuple[Any, ...], failure_dir: str) -> T:
+def _worker(fn: Callable[..., T], args: tuple[Any, ...], record_dir: str) -> T:
     share_cores()
+    rank_name = os.environ["RANK"]
+    _write_record(Path(record_dir, f"started-{rank_name}"), {"pid": os.getpid()})
     try:
         with process_group():
             return fn(*args)
-    except BaseException:
-        # torch's error record has a timestamp in whole seconds; this one tells apart a rank that
-        # raised from the peers that failed on its closed connection a few milliseconds later
-        Path(failure_dir, os.environ["RANK"]).write_text(str(time.time_ns()))
+    except BaseException as exc:
+        _write_record(Path(record_dir, f"raised-{rank_name}"), {
+            "pid": os.getpid(), "time_ns": time.time_ns(), "error": _exception_line(exc),
+            "peer_lost": _is_peer_loss(exc)})
         raise
+
+
+def _write_record(path: Path, record: dict[str, Any]) -> None:
+    """Write ``record`` as JSON so that a reader sees all of it or nothing (a rank may die mid-write)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(record))
+    partial.replace(path)
+
+
+def _exception_line(exc: BaseException) -> str:
+    """``Type: message`` on one line: the last line of the exception's own text."""
+    lines = traceback.format_exception_only(type(exc), exc)
+    return " ".join(line.strip() for line in lines).strip()
+
+
+def _is_peer_loss(exc: BaseException) -> bool:
+    """True when ``exc`` is a collective failing because a peer went away (a consequence, not a cause).
+
+    Gloo raises a plain ``RuntimeError`` whose text names its source file; other backends raise
+    torch's ``DistError`` family.
+    """
+    return isinstance(exc, dist.DistError) or "gloo" in str(exc).lower()
 
 
 def share_cores() -> None:
@@ -141,35 +167,63 @@ def launch(nproc: int, fn: Callable[..., T], *args: Any) -> T:
         rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
         monitor_interval=MONITOR_INTERVAL, start_method="spawn",
     )
-    with tempfile.TemporaryDirectory(prefix="dropkit-failures-") as failure_dir:
+    with tempfile.TemporaryDirectory(prefix="dropkit-ranks-") as record_dir:
         try:
-            results = elastic_launch(config, _worker)(fn, args, failure_dir)
+            results = elastic_launch(config, _worker)(fn, args, record_dir)
         except ChildFailedError as err:
-            raise WorkerFailed(_describe_failure(err, _failure_times(failure_dir))) from None
+            raise WorkerFailed(_describe_failure(err.failures, *_read_records(record_dir))) from None
     return results[0]
 
 
-def _failure_times(failure_dir: str) -> dict[int, int]:
-    """Rank -> nanosecond time at which it raised, for the ranks that raised (see :func:`_worker`)."""
-    times = {int(path.name): path.read_text().strip() for path in Path(failure_dir).iterdir()}
-    return {rank: int(text) for rank, text in times.items() if text.isdigit()}  # a rank may die mid-write
+def _read_records(record_dir: str) -> tuple[dict[int, int], dict[int, dict[str, Any]]]:
+    """What the workers wrote (see :func:`_worker`): rank -> pid for the ranks that started, and
+    rank -> ``{pid, time_ns, error, peer_lost}`` for the ranks that raised."""
+    started: dict[int, int] = {}
+    raised: dict[int, dict[str, Any]] = {}
+    for path in Path(record_dir).glob("*-[0-9]*"):
+        kind, _, rank_name = path.name.partition("-")
+        if not rank_name.isdigit():
+            continue  # a ``.partial`` file a dying rank left
+        record = json.loads(path.read_text())
+        if kind == "started":
+            started[int(rank_name)] = record["pid"]
+        else:
+            raised[int(rank_name)] = record
+    return started, raised
 
 
-def _describe_failure(err: ChildFailedError, raised_at: dict[int, int]) -> str:
-    """Name the rank that failed first (the cause) and its error; list the ranks stopped after it.
+def _describe_failure(failures: dict[int, Any], started: dict[int, int],
+                      raised: dict[int, dict[str, Any]]) -> str:
+    """Name the rank whose failure stopped the run (the cause) and its error.
 
-    Failures are ordered by torch's timestamp (whole seconds), then by ``raised_at``; a rank that
-    died without raising (killed) has no such time and goes first within its second.
+    ``failures`` is torch's record (``ChildFailedError.failures``): the launcher keeps only the
+    first dead worker it happens to find, which is often a peer that failed on the cause's closed
+    connection. So the cause is chosen from what the workers wrote, in this order:
+
+    1. a rank torch saw die that never raised (killed by a signal, or ``os._exit``);
+    2. else the rank that raised first with an error of its own (not a lost peer);
+    3. else, when every rank that raised lost a peer, the ranks that started and never raised: they
+       vanished first (killed before torch looked), named by the pids in their start records.
+
+    A failure always leaves at least one record (torch's or a worker's), so one of these applies.
     """
-    first_rank, first = min(err.failures.items(), key=lambda item: (item[1].timestamp, raised_at.get(item[0], -1)))
-    others = sorted(r for r in err.failures if r != first_rank)
-    text = (f"distributed run stopped: rank {first_rank} (pid {first.pid}) failed (exit code {first.exitcode}): "
-            f"{_error_line(first)}")
-    return text + (f"; then ranks {others} stopped" if others else "")
+    silent = {r: f for r, f in failures.items() if r not in raised}
+    if silent:
+        rank_, failure = min(silent.items(), key=lambda item: item[1].timestamp)
+        cause = f"rank {rank_} (pid {failure.pid}) failed (exit code {failure.exitcode}) without raising"
+        return _stopped(cause, [rank_], failures, raised)
+    own = {r: record for r, record in raised.items() if not record["peer_lost"]}
+    rank_, record = min((own or raised).items(), key=lambda item: item[1]["time_ns"])
+    vanished = [] if own else sorted(r for r in started if r not in raised)
+    if vanished:
+        names = ", ".join(f"rank {r} (pid {started[r]})" for r in vanished)
+        cause = f"{names} failed without raising (killed?); rank {rank_} then lost its peer: {record['error']}"
+    else:
+        cause = f"rank {rank_} (pid {record['pid']}) failed: {record['error']}"
+    return _stopped(cause, [rank_, *vanished], failures, raised)
 
 
-def _error_line(failure: Any) -> str:
-    """The last line of the error a worker recorded (its exception), or its exit code."""
-    message = failure.message.get("message", "") if isinstance(failure.message, dict) else str(failure.message)
-    lines = message.strip().splitlines()
-    return lines[-1] if lines else f"exit code {failure.exitcode}"
+def _stopped(cause: str, cause_ranks: list[int], failures: dict[int, Any], raised: dict[int, dict[str, Any]]) -> str:
+    """The message: the cause, then the other ranks known to have failed after it."""
+    others = sorted((set(failures) | set(raised)) - set(cause_ranks))
+    return f"distributed run stopped: {cause}" + (f"; then ranks {others} stopped" if others else "")
