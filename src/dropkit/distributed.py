@@ -17,8 +17,8 @@ The backend is gloo on CPU and NCCL when CUDA is available.
 
 from __future__ import annotations
 
-import os
 import json
+import os
 import socket
 import tempfile
 import time
@@ -67,8 +67,8 @@ def launched_by_torchrun() -> bool:
 def process_group() -> Iterator[None]:
     """Join the process group described by the launcher's environment variables; leave it on exit.
 
-    On an exception the group is not torn down: a graceful teardown waits on peers, while exiting
-    at once lets the launcher see this rank fail first and name it as the cause.
+    On an exception the group is not torn down: a graceful teardown would wait on peers that may
+    be gone, while exiting at once lets the launcher stop the job.
     """
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
@@ -133,7 +133,7 @@ def _write_record(path: Path, record: dict[str, Any]) -> None:
 
 
 def _exception_line(exc: BaseException) -> str:
-    """``Type: message`` on one line: the last line of the exception's own text."""
+    """The exception as ``Type: message``, folded onto one line."""
     lines = traceback.format_exception_only(type(exc), exc)
     return " ".join(line.strip() for line in lines).strip()
 
