@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 import dropkit
 from dropkit import distributed, rng
+from dropkit.atomic_files import atomic_write_text
 from dropkit.train import MASK_STREAM
 
 SLICE = ["--limit-train", "6000", "--limit-test", "2000", "--val-size", "500", "--p", "0.5", "--quiet"]
@@ -141,9 +142,9 @@ def test_the_rank_named_is_the_cause_whichever_dead_rank_torch_found():
 
 
 def test_failure_records_are_read_whole_or_not_at_all(tmp_path):
-    distributed._write_record(tmp_path / "started-0", {"pid": 10})
-    distributed._write_record(tmp_path / "raised-0", _raised(10, 5, "ValueError: x", False))
-    (tmp_path / "raised-1.partial").write_text('{"pid": 1')  # a rank that died mid-write
+    atomic_write_text(tmp_path / "started-0", json.dumps({"pid": 10}))
+    atomic_write_text(tmp_path / "raised-0", json.dumps(_raised(10, 5, "ValueError: x", False)))
+    (tmp_path / ".raised-1.tmp").write_text('{"pid": 1')  # a rank that died mid-write
     assert distributed._read_records(str(tmp_path)) == ({0: 10}, {0: _raised(10, 5, "ValueError: x", False)})
 
 

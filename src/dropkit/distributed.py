@@ -35,6 +35,8 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+from dropkit.atomic_files import atomic_write_text
+
 #: how long a collective waits for a missing peer before failing the job
 COLLECTIVE_TIMEOUT = timedelta(seconds=45)
 #: how often the launcher checks its workers (seconds): a dead rank is noticed this fast
@@ -114,22 +116,15 @@ class WorkerFailed(RuntimeError):
 def _worker(fn: Callable[..., T], args: tuple[Any, ...], record_dir: str) -> T:
     share_cores()
     rank_name = os.environ["RANK"]
-    _write_record(Path(record_dir, f"started-{rank_name}"), {"pid": os.getpid()})
+    atomic_write_text(Path(record_dir, f"started-{rank_name}"), json.dumps({"pid": os.getpid()}))
     try:
         with process_group():
             return fn(*args)
     except BaseException as exc:
-        _write_record(Path(record_dir, f"raised-{rank_name}"), {
+        atomic_write_text(Path(record_dir, f"raised-{rank_name}"), json.dumps({
             "pid": os.getpid(), "time_ns": time.time_ns(), "error": _exception_line(exc),
-            "peer_lost": _is_peer_loss(exc)})
+            "peer_lost": _is_peer_loss(exc)}))
         raise
-
-
-def _write_record(path: Path, record: dict[str, Any]) -> None:
-    """Write ``record`` as JSON so that a reader sees all of it or nothing (a rank may die mid-write)."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(record))
-    partial.replace(path)
 
 
 def _exception_line(exc: BaseException) -> str:
@@ -183,7 +178,7 @@ def _read_records(record_dir: str) -> tuple[dict[int, int], dict[int, dict[str, 
     for path in Path(record_dir).glob("*-[0-9]*"):
         kind, _, rank_name = path.name.partition("-")
         if not rank_name.isdigit():
-            continue  # a ``.partial`` file a dying rank left
+            continue  # the temporary file of a rank that died mid-write
         record = json.loads(path.read_text())
         if kind == "started":
             started[int(rank_name)] = record["pid"]

@@ -53,6 +53,7 @@ from tqdm import tqdm
 
 import dropkit
 from dropkit import distributed, heap, rng
+from dropkit.atomic_files import atomic_write, atomic_write_text
 from dropkit.concrete import concrete_rates, concrete_regularisation, regularizer_weights, to_concrete
 from dropkit.convert import fuse_relu_dropout
 from dropkit.data import BatchIterator, Split, load_dataset, normalise, split_validation
@@ -424,17 +425,6 @@ def evaluate(model: nn.Module, split: Split) -> tuple[float, float]:
     return loss_sum / n, correct / n
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through ``write(tmp_path)`` then rename over ``path``: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
 def _check_resumable(saved: dict[str, Any], done: int, config: TrainConfig) -> None:
     """A checkpoint may only be continued with the config it was made with (``epochs`` may grow
     when no schedule spans it: with ``planned_epochs`` set, or without cosine and curriculum).
@@ -500,8 +490,8 @@ def train(
                                        average)
         if main:
             out.mkdir(parents=True, exist_ok=True)
-            _write_text(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
-            _write_text(out / METRICS, "".join(json.dumps(row) + "\n" for row in history))
+            atomic_write_text(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+            atomic_write_text(out / METRICS, "".join(json.dumps(row) + "\n" for row in history))
 
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     batches = BatchIterator(train_split, config.batch_size, generator=shuffle, rank=rank, world=world)
@@ -548,7 +538,7 @@ def train(
     reached = average is not None and len(history) >= config.average_from
     result = TrainResult(config, history, model, out, average.eval() if reached else None)
     if out is not None and main:
-        _write_text(out / "result.json", json.dumps(result.summary(), indent=2) + "\n")
+        atomic_write_text(out / "result.json", json.dumps(result.summary(), indent=2) + "\n")
     return result
 
 
@@ -650,7 +640,7 @@ def _save_checkpoint(
         "average": average.state_dict() if average is not None else None,
         "history": history,
     }
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def _load_checkpoint(
