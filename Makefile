@@ -6,7 +6,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.dropkit-installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test wheel-check bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q
 
+# builds the wheel and installs it into fresh virtual environments, outside the source tree
+wheel-check: $(STAMP)
+	$(BIN)/python tools/wheel_check.py
+
 bench: $(STAMP)
 	$(BIN)/dropkit bench kernels
 
 clean:
-	rm -rf $(VENV) runs build src/*.egg-info
+	rm -rf $(VENV) runs build dist src/*.egg-info

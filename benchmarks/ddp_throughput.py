@@ -16,9 +16,9 @@ import os
 
 import torch
 
-from dropkit import distributed
-from dropkit.commands.train import train_runs
-from dropkit.train import TrainConfig
+from dropkit.lab import distributed
+from dropkit.lab.commands.train import train_runs
+from dropkit.lab.train import TrainConfig
 
 
 def main() -> None:

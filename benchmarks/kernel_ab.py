@@ -118,7 +118,7 @@ def main() -> int:
     import numba
     import torch
 
-    from dropkit.bench import emit_json, environment
+    from dropkit.lab.bench import emit_json, environment
 
     torch.set_num_threads(args.threads)
     numba.set_num_threads(args.threads)

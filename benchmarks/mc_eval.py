@@ -25,8 +25,8 @@ import torch
 import dropkit
 from dropkit.convert import fuse_relu_dropout
 from dropkit.mc import mc_samples
-from dropkit.models import build_model
-from dropkit.train import CHECKPOINT, TrainConfig, evaluate, load_splits, model_p
+from dropkit.lab.models import build_model
+from dropkit.lab.train import CHECKPOINT, TrainConfig, evaluate, load_splits, model_p
 
 CHUNK = 2000
 

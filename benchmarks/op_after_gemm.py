@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import dropkit
 from dropkit import heap
-from dropkit.bench import emit_json, environment
+from dropkit.lab.bench import emit_json, environment
 
 
 def median_us(op: Callable[[], object], before: Callable[[], object], calls: int) -> float:

@@ -1,7 +1,7 @@
 """Reference training runs of the experiment issue: published anchors against dropkit's models.
 
 The tutorial MLP's anchors are checked by ``dropkit compare --p 0 0.1 0.2 0.5`` instead, whose
-report is the point of that row. Each run here is a :func:`dropkit.train.train` call written under ``--out/<name>/`` with a checkpoint
+report is the point of that row. Each run here is a :func:`dropkit.lab.train.train` call written under ``--out/<name>/`` with a checkpoint
 per epoch, so a killed script picks up where it stopped (``train(..., resume=True)``). Prints one
 JSON line per finished run (name, target, final and best-validation figures, seconds) and writes
 ``summary.json``. Not a test: these take minutes to tens of minutes each on 2 cores.
@@ -17,7 +17,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from dropkit.train import TrainConfig, train
+from dropkit.lab.train import TrainConfig, train
 
 #: the Srivastava MLP recipe of the MNIST rows (dropout 0.2 / 0.5 + max-norm) and its no-dropout twin
 SRIVASTAVA = TrainConfig(model="srivastava_mlp", optimizer="nesterov", lr=0.05, momentum=0.9, max_norm=3.0,

@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import dropkit
-from dropkit.bench import emit_json
-from dropkit.data import BatchIterator, load_dataset, normalise
+from dropkit.lab.bench import emit_json
+from dropkit.lab.data import BatchIterator, load_dataset, normalise
 from dropkit.structured import from_sequential
 
 EVAL_CHUNK = 2000

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from structured_accuracy import flat_splits, standard_mlp  # same folder
 
 import dropkit
-from dropkit.bench import emit_json
-from dropkit.data import BatchIterator
+from dropkit.lab.bench import emit_json
+from dropkit.lab.data import BatchIterator
 from dropkit.structured import from_sequential
 
 

@@ -20,8 +20,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from dropkit import heap
-from dropkit.bench import emit_json
-from dropkit.commands.bench_structured import _step_fn, _variants, step_inputs
+from dropkit.lab.bench import emit_json
+from dropkit.lab.commands.bench_structured import _step_fn, _variants, step_inputs
 
 
 def profile_step(step, steps: int, top: int) -> dict:

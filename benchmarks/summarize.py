@@ -10,7 +10,7 @@ import json
 import sys
 
 IMPLS = ("torch", "dropkit_seed", "dropkit_bits")
-#: copies into outputs taken as dropkit takes its own (see dropkit.bench)
+#: copies into outputs taken as dropkit takes its own (see dropkit.lab.bench)
 BASELINES = ("copy_cached", "copy_huge")
 
 

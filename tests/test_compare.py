@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from dropkit.cli import main
-from dropkit.compare import p_settings, reg_settings, run_settings, summarise
-from dropkit.report import write_report
-from dropkit.train import TrainConfig
+from dropkit.lab.cli import main
+from dropkit.lab.compare import p_settings, reg_settings, run_settings, summarise
+from dropkit.lab.report import write_report
+from dropkit.lab.train import TrainConfig
 
 
 def _run(label, p, train_acc, test_acc, val_acc, seconds=1.0, saved=1.0, other_rates=None):

@@ -16,7 +16,7 @@ from dropkit.concrete import (
     regularizer_weights,
     to_concrete,
 )
-from dropkit.models import output_layer, srivastava_mlp
+from dropkit.lab.models import output_layer, srivastava_mlp
 
 
 def concrete(in_features=8, layer=None, **kwargs):

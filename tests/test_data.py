@@ -1,4 +1,4 @@
-"""dropkit.data: the IDX reader's checks, folder and dataset loading, splits, normalisation, batching."""
+"""dropkit.lab.data: the IDX reader's checks, folder and dataset loading, splits, normalisation, batching."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import idx_bytes, write_idx, write_idx_folder
 
-from dropkit import data
-from dropkit.data import BatchIterator, Split, load_dataset, load_idx_folder, normalise, read_idx, split_validation
+from dropkit.lab import data
+from dropkit.lab.data import BatchIterator, Split, load_dataset, load_idx_folder, normalise, read_idx, split_validation
 
 
 @pytest.mark.parametrize("name", ["a-idx3-ubyte", "a-idx3-ubyte.gz"])

@@ -18,9 +18,10 @@ import torch
 import torch.distributed as dist
 
 import dropkit
-from dropkit import distributed, rng
-from dropkit.atomic_files import atomic_write_text
-from dropkit.train import MASK_STREAM
+from dropkit import rng
+from dropkit.lab import distributed
+from dropkit.lab.atomic_files import atomic_write_text
+from dropkit.lab.train import MASK_STREAM
 
 SLICE = ["--limit-train", "6000", "--limit-test", "2000", "--val-size", "500", "--p", "0.5", "--quiet"]
 NOISY_KEYS = {"seconds", "eval_seconds", "peak_rss_mib", "saved_mib"}
@@ -85,7 +86,7 @@ def test_a_killed_run_resumes_to_the_same_end(two_process_run, tmp_path):
 
 
 def _masks_per_rank(seed: int) -> list[torch.Tensor]:
-    """Draw a mask the way dropkit.train seeds each rank's first epoch; gather every rank's mask."""
+    """Draw a mask the way dropkit.lab.train seeds each rank's first epoch; gather every rank's mask."""
     torch.manual_seed(rng.derive_seed(seed, MASK_STREAM, distributed.rank(), 1))
     mask = dropkit.dropout(torch.ones(4096), 0.5, training=True) != 0
     gathered = [None] * distributed.world_size()

@@ -1,6 +1,6 @@
 """The compiled kernels against the plain-torch reference, and the custom ops around them.
 
-Correctness only (timings live in dropkit.bench): the same (seed, offset) gives the same mask,
+Correctness only (timings live in dropkit.lab.bench): the same (seed, offset) gives the same mask,
 outputs and gradients bit for bit in both saved modes; drop fractions fall within binomial bounds;
 odd sizes, non-contiguous inputs, thread counts, dtypes, torch.compile and checkpointing.
 """
@@ -11,15 +11,14 @@ import json
 import math
 import re
 import threading
-from pathlib import Path
 
 import numba
 import pytest
 import torch
 
 from dropkit import functional as DF
-from dropkit import block_cache, kernels, ops, rng
-from dropkit.cli import main
+from dropkit import kernels, ops, rng
+from dropkit.lab.cli import main
 from dropkit.kernels import cpu, reference
 
 SIZES = [0, 1, 2, 7, 8, 9, 2**11 - 1, 2**11, 2**11 + 1, 2**13 + 1, 2**15 - 1]
@@ -73,26 +72,6 @@ def test_masked_kernels_equal_reference_in_both_modes(dtype, kind):
             out_seed_only, no_bits = kernels.masked(x, BIG_SEED, p, kind)
             assert no_bits is None
             assert_bitwise_equal(out_seed_only, expected)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prefetching_kernel_equals_reference(dtype, monkeypatch):
-    # the prefetching Philox phase runs from kernels.PREFETCH_MIN_BYTES on; lowered here to test it on small inputs
-    monkeypatch.setattr(kernels, "PREFETCH_MIN_BYTES", 0)
-    for n in SIZES + [3 * 2**11 + 5]:
-        x = sample(n, dtype, seed=n)
-        for p in (0.1, 1 / 256, 0.5):  # 16, 8 and 1 bits per element: the first two prefetch
-            assert kernels.prefetches(rng.keep_threshold(p)[0], x.nbytes) == (p != 0.5)
-            keep = reference.keep_mask(BIG_SEED, p, (n,))
-            out, bits = kernels.masked(x, BIG_SEED, p, "dropout", save_bits=True)
-            assert_bitwise_equal(out, reference.masked(x, keep, "dropout", p))
-            assert torch.equal(bits, reference.pack_bits(keep)), (n, p)
-
-
-def test_only_large_inputs_with_wide_draws_prefetch():
-    assert kernels.prefetches(16, kernels.PREFETCH_MIN_BYTES) and kernels.prefetches(8, kernels.PREFETCH_MIN_BYTES)
-    assert not kernels.prefetches(16, kernels.PREFETCH_MIN_BYTES - 1)
-    assert not kernels.prefetches(4, 2**30)
 
 
 def test_kernel_offset_selects_the_same_stream_further_on():
@@ -229,14 +208,6 @@ def test_the_layer_sized_activations_of_the_step_benchmark_use_both_threads(monk
     kernels.masked(torch.ones(256, 1024), 1, 0.5, "relu_dropout")
     kernels.masked(torch.ones(2**17 - 1), 1, 0.5, "dropout")
     assert counts == [min(2, numba.config.NUMBA_NUM_THREADS), 1]
-
-
-def test_cache_falls_back_to_a_writable_directory(monkeypatch, tmp_path):
-    monkeypatch.setattr(numba.config, "CACHE_DIR", "")
-    monkeypatch.setattr(cpu.os, "access", lambda path, mode: False)
-    monkeypatch.setattr(cpu.tempfile, "gettempdir", lambda: str(tmp_path))
-    cpu._ensure_writable_cache()
-    assert numba.config.CACHE_DIR.startswith(str(tmp_path)) and Path(numba.config.CACHE_DIR).is_dir()
 
 
 # --- the custom ops: autograd, saved state, compile, checkpoint -------------------------------------
@@ -433,14 +404,11 @@ def test_bench_kernels_command_prints_json_at_the_rate_resolution_asked(capsys):
         rng.set_rate_bits(16)
     result = json.loads(capsys.readouterr().out)
     assert result["environment"]["rate_bits"] == 8
-    assert result["environment"]["llvm_cpu"]  # e.g. znver5: "model name" alone does not tell the VMs' CPUs apart
+    assert result["environment"]["llvm_cpu"]  # e.g. znver5: "model name" may name only the vendor
     assert [(case["dtype"], case["numel"], case["p"]) for case in result["cases"]] == [("float32", 1024, 0.1)]
     case = result["cases"][0]
-    # every ratio is also given against a copy into an output taken as dropkit takes its own
-    assert set(case["ms"]) >= {"copy", "copy_cached", "copy_huge"}
-    assert set(case["fwd_over_copy_cached"]) == set(case["fwd_bwd_over_copy_huge"]) == {"torch", "dropkit_seed",
-                                                                                         "dropkit_bits"}
-    assert result["environment"]["block_cache_mib"] == block_cache.limit_bytes() // 2**20
+    assert "copy" in case["ms"]
+    assert set(case["fwd_over_copy"]) == set(case["fwd_bwd_over_copy"]) == {"torch", "dropkit_seed", "dropkit_bits"}
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -1,4 +1,4 @@
-"""dropkit.models: shapes, where dropout sits, train/eval behaviour and the registry."""
+"""dropkit.lab.models: shapes, where dropout sits, train/eval behaviour and the registry."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from dropkit.models import MODELS, RowLSTM, build_model, main_rate, output_layer
+from dropkit.lab.models import MODELS, RowLSTM, build_model, main_rate, output_layer
 from dropkit.nn import Dropout, Dropout2d, LockedDropout, WeightDropout
 
 DROPOUTS = (Dropout, Dropout2d, LockedDropout, WeightDropout)

@@ -22,7 +22,7 @@ from torch import nn
 import dropkit
 from dropkit import nn as dnn
 from dropkit import structured as S
-from dropkit.cli import main
+from dropkit.lab.cli import main
 
 TOL = {"rtol": 1e-10, "atol": 1e-10}
 

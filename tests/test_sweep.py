@@ -25,10 +25,10 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from dropkit import distributed
-from dropkit.cli import build_parser, main
-from dropkit.commands.sweep import sweep_config
-from dropkit.sweep import (
+from dropkit.lab import distributed
+from dropkit.lab.cli import build_parser, main
+from dropkit.lab.commands.sweep import sweep_config
+from dropkit.lab.sweep import (
     STORAGE_FILE,
     WAIT,
     SweepConfig,
@@ -43,7 +43,7 @@ from dropkit.sweep import (
     summarise,
     trial_config,
 )
-from dropkit.train import CHECKPOINT, TrainConfig
+from dropkit.lab.train import CHECKPOINT, TrainConfig
 
 #: run folders whose test accuracy was read, in order (the fake's rows record it)
 TEST_READS: list[str] = []
@@ -202,7 +202,7 @@ def _kill_a_worker_in_its_hang(tmp_path: Path, cfg_args: str, **env: str) -> Non
     child = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
              "import optuna; optuna.logging.set_verbosity(optuna.logging.WARNING)\n"
              "from test_sweep import fake_cfg, fake_train\n"
-             "from dropkit.sweep import run_worker\n"
+             "from dropkit.lab.sweep import run_worker\n"
              f"run_worker(fake_cfg({str(tmp_path)!r}{cfg_args}), 0, fake_train)\n")
     proc = subprocess.Popen([sys.executable, "-c", child], env={**os.environ, HANG_ENV: str(marker), **env})
     try:

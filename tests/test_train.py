@@ -1,4 +1,4 @@
-"""dropkit.train: repeatable and resumable runs, the metrics and files written, max-norm, settings."""
+"""dropkit.lab.train: repeatable and resumable runs, the metrics and files written, max-norm, settings."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import re
 import pytest
 import torch
 
-from dropkit import data
-from dropkit import train as training
-from dropkit.cli import main
-from dropkit.models import build_model
-from dropkit.train import (
+from dropkit.lab import data
+from dropkit.lab import train as training
+from dropkit.lab.cli import main
+from dropkit.lab.models import build_model
+from dropkit.lab.train import (
     TrainConfig, apply_max_norm, evaluate, hidden_linears, iter_metrics, load_splits, ramped_momentum, train,
 )
 

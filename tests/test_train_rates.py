@@ -1,8 +1,8 @@
-"""dropkit.train with moving rates: schedules, the overfitting controller (--p auto), Concrete Dropout."""
+"""dropkit.lab.train with moving rates: schedules, the overfitting controller (--p auto), Concrete Dropout."""
 
 import pytest
 
-from dropkit.train import ADAPTIVE_START_P, TrainConfig, model_p, train
+from dropkit.lab.train import ADAPTIVE_START_P, TrainConfig, model_p, train
 
 SMALL = dict(limit_train=800, limit_test=200, val_size=200, batch_size=100)
 

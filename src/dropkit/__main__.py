@@ -2,6 +2,6 @@
 
 import sys
 
-from dropkit.cli import main
+from dropkit.lab.cli import main
 
 sys.exit(main())

@@ -228,7 +228,7 @@ class _EagerReluDropout(torch.autograd.Function):
 
 def _eager_kernel(x: torch.Tensor) -> bool:
     """Whether ``x`` takes the eager path: on the compiled CPU kernels, and not being traced."""
-    return kernels.compiled(x) and not torch.compiler.is_compiling()
+    return kernels.accelerated(x) and not torch.compiler.is_compiling()
 
 
 # --- the primitives functional.py calls ------------------------------------------------------------

@@ -53,7 +53,7 @@ With ``proportional=False`` every layer gets ``v``.
 
 Example::
 
-    model = dropkit.models.build_model("srivastava_mlp")
+    model = dropkit.lab.models.build_model("srivastava_mlp")
     cb = ScheduleCallback(CurriculumRamp(0.5), unit="step")
     cb.on_train_begin(model, total_steps=1000, total_epochs=10)
 """

@@ -69,6 +69,7 @@ from torch import nn
 
 from dropkit import nn as dnn
 from dropkit.kernels import run_parallel
+from dropkit.kernels.cpu import CACHE
 from dropkit.functional import check_p
 from dropkit.rng import check_seed
 
@@ -193,7 +194,7 @@ def sample_kept(
 # needs only a row gather, which plain ``index_select`` / ``index_add_`` do at memory speed.
 # --------------------------------------------------------------------------------------------
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=CACHE)
 def _gather_kernel(weight, rows, cols, run, out):  # pragma: no cover - compiled
     groups, n_rows = rows.shape
     n_cols = cols.shape[1]
@@ -211,7 +212,7 @@ def _gather_kernel(weight, rows, cols, run, out):  # pragma: no cover - compiled
                 dst[j * run : (j + 1) * run] = src[starts[j] : starts[j] + run]
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=CACHE)
 def _scatter_kernel(slices, rows, cols, run, scale, out):  # pragma: no cover - compiled
     groups, n_rows = rows.shape
     n_cols = cols.shape[1]

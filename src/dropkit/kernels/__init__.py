@@ -1,64 +1,137 @@
-"""Per-element ops of the dropout family on torch tensors: picks a kernel and moves no data.
+"""The kernel dispatcher: every per-element op of the dropout family on torch tensors goes through it.
 
-On the CPU, float32, float64 and bfloat16 run on the numba kernels of :mod:`.cpu`, which read and
-write the tensors' own memory (``Tensor.numpy()`` views; bfloat16 as its ``uint16`` bit pattern).
-float16 runs on the float32 kernels between two conversions, which is exact because every op is
-computed in float32 and rounded once. Everything else (other devices) falls back to the plain-torch
-:mod:`.reference`, the ground truth the kernels are tested against. The one op here with no
-random mask, the gradient of ``relu_dropout``, is torch's own ReLU gradient and a division on
-every device (see :func:`relu_dropout_grad`).
+It picks one of three implementations ("paths") per tensor, each producing the same masks bit for
+bit from the same ``(seed, offset)`` (the stream layout of :mod:`dropkit.rng` is the contract):
 
-Inputs are read in their logical index order: a non-contiguous input is copied to a contiguous one
-first, and outputs are contiguous; outputs of 32 MiB and more reuse the memory of earlier ones
-that were freed (:mod:`dropkit.block_cache`), which spares the page faults of their first write,
-and inputs that large with 8- or 16-bit draws are prefetched a block ahead
-(:func:`prefetches`). ``seed`` is a Python int (a Philox key) and ``offset`` the first counter of the stream, 0 for
-a whole-tensor op.
+* ``numba``: the compiled CPU kernels of :mod:`.cpu` (float32, float64 and bfloat16 in place;
+  float16 through the float32 kernels between two conversions, exact because every op is computed
+  in float32 and rounded once), reading and writing the tensors' own memory;
+* ``triton``: the GPU kernels of :mod:`.gpu` (float32, float16, bfloat16), used for CUDA tensors
+  whenever Triton is importable;
+* ``reference``: the plain-torch :mod:`.reference`, the ground truth the others are tested
+  against, on any device; slow on a GPU (many passes over memory per mask), so choosing it for a
+  CUDA tensor because Triton is missing warns once.
+
+``DROPKIT_KERNELS`` = ``auto`` (the default: numba on the CPU, Triton on CUDA) | ``numba`` |
+``triton`` | ``reference`` forces one path for every op: to run the Triton kernels on CPU tensors
+under ``TRITON_INTERPRET=1`` (how the tests check them without a GPU), or to rule a kernel out
+while debugging. It is read at every call.
+
+Inputs are read in their logical index order (a mask is defined on the logical index, so memory
+layout never changes it); outputs are ordinary tensors from torch's allocator. ``seed`` is a
+Python int (a Philox key) and ``offset`` the first counter of the stream, 0 for a whole-tensor op.
+The one op here with no random mask, the gradient of ``relu_dropout``, is torch's own ReLU
+gradient and a division on every device (see :func:`relu_dropout_grad`).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 import threading
+import time
+import warnings
+from typing import Callable, NamedTuple
 
 import numba
 import numpy as np
 import torch
 
 from dropkit import rng
-from dropkit.block_cache import empty_like as output_like
 from dropkit.kernels import cpu, reference
 
-__all__ = ["compiled", "gaussian", "keep_mask", "masked", "masked_from_bits", "prefetches", "reference",
-           "relu_dropout_grad"]
+__all__ = ["ENV", "PATHS", "accelerated", "gaussian", "keep_mask", "masked", "masked_from_bits", "path_for",
+           "reference", "relu_dropout_grad", "run_parallel", "warmup"]
 
+#: environment variable that forces one kernel path for every op
+ENV = "DROPKIT_KERNELS"
+#: its values
+PATHS = ("auto", "numba", "triton", "reference")
 #: elements per thread below which a kernel runs on fewer threads (see run_parallel)
 MIN_ELEMENTS_PER_THREAD = 2**16
 #: a Box-Muller draw (log, cos, sqrt) costs about as much as this many selects
 _GAUSSIAN_COST = 32
-#: the narrowest draws whose Philox phase is long enough to hide the next block's prefetches in
-PREFETCH_MIN_WIDTH = 8
-#: inputs from this size on are prefetched: past the 32 MiB last-level cache of the project's VMs.
-#: Inputs that fit in it only pay for the extra instructions (float32 at 2**20 elements: 2.3-2.9 ->
-#: 2.9-3.8x a warm copy; BENCHMARKS.md, stop 17)
-PREFETCH_MIN_BYTES = 32 * 2**20
+_NUMBA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _NATIVE = (torch.float32, torch.float64, torch.bfloat16)
 _NO_BITS = np.empty(0, dtype=np.uint8)
 _KIND_CODES = {"dropout": cpu.DROPOUT, "alpha": cpu.ALPHA, "alpha_grad": cpu.ALPHA_GRAD, "relu_dropout": cpu.RELU_DROPOUT}
 
 
-def compiled(x: torch.Tensor) -> bool:
-    """Whether ops on ``x`` run on the compiled kernels (else on the reference)."""
-    return x.device.type == "cpu" and (x.dtype in _NATIVE or x.dtype == torch.float16)
+class Backend(NamedTuple):
+    """The four primitives one path provides (inputs contiguous, in a dtype the path takes)."""
+
+    #: ``(x, seed, p, kind, save_bits, offset) -> (out, packed bits or None)``
+    masked: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+    #: ``(x, bits, p, kind) -> out``
+    masked_from_bits: Callable[..., torch.Tensor]
+    #: ``(x, seed, p, offset) -> out``
+    gaussian: Callable[..., torch.Tensor]
+    #: ``(seed, p, shape, offset, device) -> bool mask``
+    keep_mask: Callable[..., torch.Tensor]
 
 
-def prefetches(width: int, nbytes: int) -> bool:
-    """Whether a masked op with ``width``-bit draws on an input of ``nbytes`` prefetches each next
-    block during the current block's Philox phase (:func:`.cpu._draw_prefetching`): where there is a
-    Philox phase to hide the prefetches in, and data that comes from memory rather than a cache."""
-    return width >= PREFETCH_MIN_WIDTH and nbytes >= PREFETCH_MIN_BYTES
+def requested_path() -> str:
+    """The path ``DROPKIT_KERNELS`` asks for (``auto`` when unset)."""
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value not in PATHS:
+        raise ValueError(f"{ENV} must be one of {', '.join(PATHS)}, got {value!r}")
+    return value
 
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """Whether Triton can be imported (it comes with torch's CUDA wheels, or ``pip install triton``)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_reference_on_gpu() -> None:
+    warnings.warn("dropkit: Triton is not importable, so dropout on CUDA tensors runs on the plain-torch "
+                  "reference, which makes many passes over memory per mask and is several times slower than "
+                  "torch's own dropout; install Triton (`pip install triton`, or torch's CUDA wheels bring it)",
+                  RuntimeWarning, stacklevel=3)
+
+
+def path_for(x: torch.Tensor) -> str:
+    """The path that ops on ``x`` run on (see the module docstring)."""
+    path = requested_path()
+    if path == "auto":
+        if x.device.type == "cpu":
+            return "numba" if x.dtype in _NUMBA_DTYPES else "reference"
+        if x.device.type == "cuda" and triton_available():
+            return "triton"
+        if x.device.type == "cuda":
+            _warn_reference_on_gpu()
+        return "reference"
+    if path == "numba" and x.device.type != "cpu":
+        raise ValueError(f"{ENV}=numba runs CPU tensors only, got a tensor on {x.device}")
+    if path == "triton" and not triton_available():
+        raise RuntimeError(f"{ENV}=triton, but Triton cannot be imported: pip install triton")
+    return path
+
+
+def accelerated(x: torch.Tensor) -> bool:
+    """Whether ops on ``x`` run on compiled kernels (numba or Triton), not on the reference."""
+    return path_for(x) != "reference"
+
+
+def _backend(x: torch.Tensor) -> Backend:
+    path = path_for(x)
+    if path == "numba":
+        return NUMBA
+    if path == "triton":
+        from dropkit.kernels import gpu
+
+        return gpu.BACKEND
+    return REFERENCE
+
+
+# --- the dispatched ops ----------------------------------------------------------------------------
 
 def masked(
     x: torch.Tensor, seed: int, p: float, kind: str, *, save_bits: bool = False, offset: int = 0
@@ -67,35 +140,25 @@ def masked(
 
     Returns the output and, with ``save_bits``, the packed keep mask (``ceil(numel / 8)`` bytes).
     """
-    x = x.contiguous()
-    if not compiled(x):
-        keep = reference.keep_mask(seed, p, tuple(x.shape), offset, x.device)
-        bits = reference.pack_bits(keep) if save_bits else None
-        return reference.masked(x, keep, kind, p), bits
-    if x.dtype == torch.float16:
-        out, bits = masked(x.float(), seed, p, kind, save_bits=save_bits, offset=offset)
-        return out.half(), bits
-    out = output_like(x)
-    bits = torch.empty(-(-x.numel() // 8), dtype=torch.uint8) if save_bits else None
-    a, b, c = _constants(kind, p, x.dtype)
-    k0, k1 = _key(seed)
-    width, thr = rng.keep_threshold(p)
-    run_parallel(x.numel(), cpu.masked_seed, _array(x), _array(out), _NO_BITS if bits is None else bits.numpy(),
-                 k0, k1, offset, width, thr, _KIND_CODES[kind], a, b, c, save_bits, prefetches(width, x.nbytes))
-    return out, bits
+    return _backend(x).masked(x.contiguous(), seed, p, kind, save_bits, offset)
 
 
 def masked_from_bits(x: torch.Tensor, bits: torch.Tensor, p: float, kind: str) -> torch.Tensor:
     """``keep ? f(x) : c`` with the keep mask read from a packed mask made by :func:`masked`."""
-    x = x.contiguous()
-    if not compiled(x):
-        return reference.masked(x, reference.unpack_bits(bits, tuple(x.shape)), kind, p)
-    if x.dtype == torch.float16:
-        return masked_from_bits(x.float(), bits, p, kind).half()
-    out = output_like(x)
-    a, b, c = _constants(kind, p, x.dtype)
-    run_parallel(x.numel(), cpu.masked_bits, _array(x), _array(out), bits.contiguous().numpy(), _KIND_CODES[kind], a, b, c)
-    return out
+    return _backend(x).masked_from_bits(x.contiguous(), bits.contiguous(), p, kind)
+
+
+def gaussian(x: torch.Tensor, seed: int, p: float, offset: int = 0) -> torch.Tensor:
+    """Gaussian dropout ``x * (1 + sigma * z)``; applied to a gradient it is also the backward."""
+    return _backend(x).gaussian(x.contiguous(), seed, p, offset)
+
+
+def keep_mask(
+    seed: int, p: float, shape: tuple[int, ...], offset: int = 0, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Boolean keep mask of ``shape`` (p in [0, 1]), e.g. the shared masks of channel dropout."""
+    probe = torch.empty(0, device=device)
+    return _backend(probe).keep_mask(seed, p, tuple(shape), offset, probe.device)
 
 
 def relu_dropout_grad(grad: torch.Tensor, out: torch.Tensor, p: float) -> torch.Tensor:
@@ -103,38 +166,83 @@ def relu_dropout_grad(grad: torch.Tensor, out: torch.Tensor, p: float) -> torch.
 
     No mask is involved, so this is torch's own ReLU gradient (``threshold_backward``) divided in
     place by ``1 - p``: bit for bit the reference (NaN outputs pass the gradient, as torch's ReLU
-    does), in every dtype. In the MLP step it beat a numba pass over the same bytes (1.008-1.033x
-    of the no-dropout step against 1.036-1.051x, same runs): torch's element-wise loops start from
-    C++ on its own thread pool, with no Python in between.
+    does), in every dtype and on every device. In the MLP step it beat a numba pass over the same
+    bytes: torch's element-wise loops start from C++ on its own thread pool, with no Python in between.
     """
     grad, out = grad.contiguous(), out.contiguous()
     return torch.ops.aten.threshold_backward(grad, out, 0).div_(1.0 - p)
 
 
-def gaussian(x: torch.Tensor, seed: int, p: float, offset: int = 0) -> torch.Tensor:
-    """Gaussian dropout ``x * (1 + sigma * z)``; applied to a gradient it is also the backward."""
-    x = x.contiguous()
-    if not compiled(x):
-        return reference.gaussian(x, seed, p, offset)
+# --- reference path --------------------------------------------------------------------------------
+
+def _reference_masked(x, seed, p, kind, save_bits, offset):
+    keep = reference.keep_mask(seed, p, tuple(x.shape), offset, x.device)
+    return reference.masked(x, keep, kind, p), reference.pack_bits(keep) if save_bits else None
+
+
+def _reference_from_bits(x, bits, p, kind):
+    return reference.masked(x, reference.unpack_bits(bits, tuple(x.shape)), kind, p)
+
+
+REFERENCE = Backend(_reference_masked, _reference_from_bits, reference.gaussian, reference.keep_mask)
+
+
+# --- numba path ------------------------------------------------------------------------------------
+
+def _numba_masked(x, seed, p, kind, save_bits, offset):
     if x.dtype == torch.float16:
-        return gaussian(x.float(), seed, p, offset).half()
-    out = output_like(x)
+        out, bits = _numba_masked(x.float(), seed, p, kind, save_bits, offset)
+        return out.half(), bits
+    out = torch.empty_like(x)
+    bits = torch.empty(-(-x.numel() // 8), dtype=torch.uint8) if save_bits else None
+    a, b, c = _constants(kind, p, x.dtype)
+    k0, k1 = _key(seed)
+    width, thr = rng.keep_threshold(p)
+    run_parallel(x.numel(), cpu.masked_seed, _array(x), _array(out), _NO_BITS if bits is None else bits.numpy(),
+                 k0, k1, offset, width, thr, _KIND_CODES[kind], a, b, c, save_bits)
+    return out, bits
+
+
+def _numba_from_bits(x, bits, p, kind):
+    if x.dtype == torch.float16:
+        return _numba_from_bits(x.float(), bits, p, kind).half()
+    out = torch.empty_like(x)
+    a, b, c = _constants(kind, p, x.dtype)
+    run_parallel(x.numel(), cpu.masked_bits, _array(x), _array(out), bits.numpy(), _KIND_CODES[kind], a, b, c)
+    return out
+
+
+def _numba_gaussian(x, seed, p, offset):
+    if x.dtype == torch.float16:
+        return _numba_gaussian(x.float(), seed, p, offset).half()
+    out = torch.empty_like(x)
     k0, k1 = _key(seed)
     run_parallel(x.numel() * _GAUSSIAN_COST, cpu.gaussian, _array(x), _array(out), k0, k1, offset,
                  math.sqrt(p / (1.0 - p)))
     return out
 
 
-def keep_mask(
-    seed: int, p: float, shape: tuple[int, ...], offset: int = 0, device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """Boolean keep mask of ``shape`` (p in [0, 1]), e.g. the shared masks of channel dropout."""
-    if torch.device(device).type != "cpu":
-        return reference.keep_mask(seed, p, shape, offset, device)
+def _numba_keep_mask(seed, p, shape, offset, device):
     out = torch.empty(shape, dtype=torch.bool)
     k0, k1 = _key(seed)
     run_parallel(out.numel(), cpu.keep_mask, out.numpy().reshape(-1), k0, k1, offset, *rng.keep_threshold(p))
     return out
+
+
+NUMBA = Backend(_numba_masked, _numba_from_bits, _numba_gaussian, _numba_keep_mask)
+
+
+def warmup() -> float:
+    """Compile (or load from the on-disk cache) every CPU kernel for every dtype now, rather than in
+    the first training step; returns the seconds it took. ``dropkit warmup`` calls it."""
+    start = time.perf_counter()
+    for dtype in _NATIVE:
+        x = torch.zeros(16, dtype=dtype)
+        out, bits = _numba_masked(x, 1, 0.5, "dropout", True, 0)
+        _numba_from_bits(x, bits, 0.5, "dropout")
+        _numba_gaussian(x, 1, 0.5, 0)
+    _numba_keep_mask(1, 0.5, (16,), 0, "cpu")
+    return time.perf_counter() - start
 
 
 def _array(t: torch.Tensor) -> np.ndarray:

@@ -14,10 +14,7 @@ needs (:func:`dropkit.rng.keep_threshold`: 16 bits, i.e. 8 elements per call, at
 the kernel first runs Philox for the block's counters into a small scratch array (a loop over
 independent counters that LLVM vectorises: one vector multiply serves several counters), spreads
 narrower draws out to one 16-bit value per element, then makes one pass of branch-free selects
-over the block's elements, reading the draws from that L1-resident scratch. On request (for
-inputs beyond the caches, see :func:`dropkit.kernels.prefetches`), the Philox phase is cut into
-chunks, and between them the thread prefetches the next block's input and output lines, so that
-its memory traffic overlaps the arithmetic instead of following it. Blocks are spread
+over the block's elements, reading the draws from that L1-resident scratch. Blocks are spread
 over threads with ``prange``; the number of threads follows ``torch.get_num_threads()``. A mask is
 a pure function of (seed, offset, index), so the result does not depend on the thread count or on
 the block size.
@@ -32,53 +29,29 @@ Gaussian noise is computed in float64 (numba's log/cos/sqrt, i.e. the C library'
 reference uses torch's vectorised float64 functions; the two differ by a few float64 ulps, so after
 rounding to float32 the results agree to within one ulp of the output dtype (tested so).
 
-Compilation is cached on disk (``cache=True``) so a new process starts without recompiling: next
-to this file, or — if that directory is not writable and ``NUMBA_CACHE_DIR`` is unset — in a
-per-user directory under the system's temporary directory.
+Compilation is cached on disk, in a per-user directory (:mod:`.numba_cache`), so a new process
+loads the kernels instead of compiling them; :func:`dropkit.kernels.warmup` compiles them ahead of time.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-
 import numba
 import numpy as np
-from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic, overload
+from numba.extending import overload
 
 from dropkit import rng
+from dropkit.kernels import numba_cache
 
 
-def _ensure_writable_cache() -> None:
-    """Point numba's cache at a writable directory when the one next to this file is not."""
-    if numba.config.CACHE_DIR:
-        return
-    in_tree = Path(__file__).parent / "__pycache__"
-    try:
-        in_tree.mkdir(exist_ok=True)
-        if os.access(in_tree, os.W_OK):
-            return
-    except OSError:
-        pass
-    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
-    fallback = Path(tempfile.gettempdir()) / f"dropkit-numba-{user}"
-    fallback.mkdir(parents=True, exist_ok=True)
-    numba.config.CACHE_DIR = str(fallback)
-
-
-_ensure_writable_cache()
+#: whether the kernels are cached on disk (see :mod:`.numba_cache`)
+CACHE = numba_cache.enable()
 
 #: elements per block: at most 256 Philox calls (16-bit draws), 4 KiB of draws (stays in L1)
 BLOCK = 2048
 #: Philox output words a block needs at the widest draw (16 bits per element)
 _BLOCK_WORDS = BLOCK * 16 // 32
 _BITS_PER_COUNTER = rng.BITS_PER_COUNTER
-#: cache lines of each array prefetched after each chunk of Philox counters in :func:`_draw_prefetching`
-_LINES_PER_CHUNK = 8
-_CACHE_LINE = 64
 #: kernel codes of the masked ops (reference.KINDS)
 DROPOUT, ALPHA, ALPHA_GRAD, RELU_DROPOUT = 0, 1, 2, 3
 
@@ -139,29 +112,6 @@ def _opmath_impl(a, v):
     return lambda a, v: np.float32(v)
 
 
-def _prefetch_intrinsic(write: int):
-    """An intrinsic ``f(array, index)`` that asks the CPU to fetch the cache line of ``array[index]``
-    into all cache levels (``llvm.prefetch``; ``write`` 1 fetches it for writing). A hint only: it
-    never faults, so an index past the data is harmless."""
-    @intrinsic
-    def prefetch(typingctx, array, index):
-        def codegen(context, builder, signature, args):
-            data = context.make_array(signature.args[0])(context, builder, args[0]).data
-            byte_ptr = ir.IntType(8).as_pointer()
-            i32 = ir.IntType(32)
-            fn = builder.module.declare_intrinsic(
-                "llvm.prefetch", [byte_ptr], ir.FunctionType(ir.VoidType(), [byte_ptr, i32, i32, i32]))
-            address = builder.bitcast(builder.gep(data, [args[1]]), byte_ptr)
-            builder.call(fn, [address, ir.Constant(i32, write), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-            return context.get_dummy_value()
-        return types.void(array, index), codegen
-    return prefetch
-
-
-_prefetch_read = _prefetch_intrinsic(0)
-_prefetch_write = _prefetch_intrinsic(1)
-
-
 # --- random draws ------------------------------------------------------------------------------
 
 @njit(inline="always")
@@ -188,30 +138,6 @@ def _draw(words, counter, n_counters, k0, k1):
         words[4 * j + 1] = w1
         words[4 * j + 2] = w2
         words[4 * j + 3] = w3
-
-
-@njit(inline="always")
-def _draw_prefetching(words, counter, n_counters, k0, k1, x, out, start, stop):
-    """:func:`_draw` in chunks, prefetching after each chunk the next :data:`_LINES_PER_CHUNK` cache
-    lines of ``x[start:stop]`` (to read) and ``out[start:stop]`` (to write): the next block's.
-
-    Why: a block's Philox phase does no memory traffic and its select phase is all memory traffic,
-    so without this a thread's time is their sum (BENCHMARKS.md, stop 14's model). The prefetches
-    let the next block's lines arrive while this block's draws are computed. Issued a few lines at
-    a time between chunks, they never queue up more misses than the core can keep in flight
-    (16 counters per 8 lines of float32 at 16-bit draws; BENCHMARKS.md, stop 17).
-    """
-    per_line = _CACHE_LINE // x.itemsize
-    lines = (stop - start + per_line - 1) // per_line
-    chunks = max(1, (lines + _LINES_PER_CHUNK - 1) // _LINES_PER_CHUNK)
-    size = (n_counters + chunks - 1) // chunks
-    for chunk in range(chunks):
-        first = min(chunk * size, n_counters)
-        _draw(words[4 * first:], counter + np.uint64(first), min(size, n_counters - first), k0, k1)
-        for i in range(start + chunk * _LINES_PER_CHUNK * per_line,
-                       min(stop, start + (chunk + 1) * _LINES_PER_CHUNK * per_line), per_line):
-            _prefetch_read(x, i)
-            _prefetch_write(out, i)
 
 
 @njit(inline="always")
@@ -312,11 +238,10 @@ def _select(kind, x, out, draws, thr, a, b, c):
 
 # --- kernels -----------------------------------------------------------------------------------
 
-@njit(parallel=True, cache=True)
-def masked_seed(x, out, bits, k0, k1, offset, width, thr, kind, a, b, c, write_bits, prefetch):
+@njit(parallel=True, cache=CACHE)
+def masked_seed(x, out, bits, k0, k1, offset, width, thr, kind, a, b, c, write_bits):
     """A masked op with the mask regenerated from (seed, offset) at ``width`` bits per element
-    (``thr`` in those bits); writes ``bits`` if asked; with ``prefetch``, each block's Philox phase
-    prefetches the next block (:func:`_draw_prefetching`; the caller decides where that pays)."""
+    (``thr`` in those bits); writes ``bits`` if asked."""
     n = x.size
     counters_per_block = BLOCK * width // _BITS_PER_COUNTER
     for blk in prange((n + BLOCK - 1) // BLOCK):
@@ -325,11 +250,7 @@ def masked_seed(x, out, bits, k0, k1, offset, width, thr, kind, a, b, c, write_b
         m = min(BLOCK, n - start)
         n_bytes = (m + 7) // 8
         counter = np.uint64(offset) + np.uint64(blk * counters_per_block)
-        if prefetch:
-            _draw_prefetching(words, counter, _counters(8 * n_bytes, width), k0, k1, x, out, start + m,
-                              min(start + m + BLOCK, n))
-        else:
-            _draw(words, counter, _counters(8 * n_bytes, width), k0, k1)
+        _draw(words, counter, _counters(8 * n_bytes, width), k0, k1)
         draws = _as_draws(words, 8 * n_bytes, width)
         if write_bits and width == 1 and thr == 1:
             # a 1-bit draw is its own keep flag, in the packed mask's order: the mask is Philox's bytes
@@ -341,7 +262,7 @@ def masked_seed(x, out, bits, k0, k1, offset, width, thr, kind, a, b, c, write_b
         bits[n // 8] &= np.uint8((1 << (n % 8)) - 1)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=CACHE)
 def masked_bits(x, out, bits, kind, a, b, c):
     """A masked op with the mask read from a packed bit mask."""
     n = x.size
@@ -353,7 +274,7 @@ def masked_bits(x, out, bits, kind, a, b, c):
         _select(kind, x[start:start + m], out[start:start + m], flags, 1, a, b, c)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=CACHE)
 def keep_mask(out, k0, k1, offset, width, thr):
     """The boolean keep mask (draw >= thr, draws of ``width`` bits) of ``out.size`` elements."""
     n = out.size
@@ -369,7 +290,7 @@ def keep_mask(out, k0, k1, offset, width, thr):
             block[i] = np.int32(draws[i]) >= np.int32(thr)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=CACHE)
 def gaussian(x, out, k0, k1, offset, sigma):
     """Gaussian dropout: ``out = x * (1 + sigma * z)``, z by Box-Muller from the ``normal`` stream."""
     n = x.size

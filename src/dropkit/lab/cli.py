@@ -8,20 +8,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 from collections.abc import Sequence
 
-from dropkit import heap
-from dropkit.distributed import WorkerFailed
+from dropkit.lab.distributed import WorkerFailed
 
-#: subcommand name -> module (under dropkit.commands) that defines it
+#: subcommand name -> module (under dropkit.lab.commands) that defines it
 SUBCOMMANDS: dict[str, str] = {
-    "train": "dropkit.commands.train",
-    "compare": "dropkit.commands.compare",
-    "bench": "dropkit.commands.bench",
-    "bench-structured": "dropkit.commands.bench_structured",
-    "sweep": "dropkit.commands.sweep",
+    "train": "dropkit.lab.commands.train",
+    "compare": "dropkit.lab.commands.compare",
+    "bench": "dropkit.lab.commands.bench",
+    "bench-structured": "dropkit.lab.commands.bench_structured",
+    "sweep": "dropkit.lab.commands.sweep",
+    "warmup": "dropkit.lab.commands.warmup",
 }
 
 
@@ -35,9 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    os.environ.setdefault(heap.ENV, "retain")  # a training process keeps its freed memory (dropkit.heap)
     try:
-        heap.configure()
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as err:
         print(f"dropkit {args.command}: error: {err}", file=sys.stderr)

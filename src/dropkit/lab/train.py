@@ -6,7 +6,7 @@ setting. Every epoch it records, in ``metrics.jsonl``:
 * ``train_loss``/``train_acc``: averaged over the epoch's batches *in training mode*, i.e. with
   dropout active (the network the optimiser actually sees);
 * ``val_*`` and ``test_*``: in eval mode, every unit present; the validation set is carved out
-  of the training set (:func:`dropkit.data.split_validation`) and is what choices are made on,
+  of the training set (:func:`dropkit.lab.data.split_validation`) and is what choices are made on,
   the test set gives the final figure;
 * ``train_eval_loss``/``train_eval_acc``: in eval mode on a fixed subset of the training
   examples (the first :data:`TRAIN_EVAL_SIZE`): how well the network with every unit fits the
@@ -52,12 +52,13 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 import dropkit
-from dropkit import distributed, heap, rng
-from dropkit.atomic_files import atomic_write, atomic_write_text
+from dropkit import rng
+from dropkit.lab import distributed
+from dropkit.lab.atomic_files import atomic_write, atomic_write_text
 from dropkit.concrete import concrete_rates, concrete_regularisation, regularizer_weights, to_concrete
 from dropkit.convert import fuse_relu_dropout
-from dropkit.data import BatchIterator, Split, load_dataset, normalise, split_validation
-from dropkit.models import build_model, main_rate, output_layer
+from dropkit.lab.data import BatchIterator, Split, load_dataset, normalise, split_validation
+from dropkit.lab.models import build_model, main_rate, output_layer
 from dropkit.schedule import CurriculumRamp, EarlyDropout, LateDropout, OverfitController, ScheduleCallback
 
 __all__ = [
@@ -109,7 +110,7 @@ TRAIN_EVAL_SIZE = 10_000
 class TrainConfig:
     """Everything that determines a run; two runs with equal configs produce equal metrics.
 
-    ``p`` sets the model's main dropout rate (see :func:`dropkit.models.build_model`); None keeps
+    ``p`` sets the model's main dropout rate (see :func:`dropkit.lab.models.build_model`); None keeps
     the model's default. With ``rate="auto"`` or ``"concrete"``, ``p`` is where the rate starts
     (None: :data:`ADAPTIVE_START_P`). ``max_norm``: after every step, each hidden Linear's incoming
     weight vector (one row per unit) is rescaled to norm <= ``max_norm`` (Srivastava et al. 2014, JMLR, sec. 5.1:
@@ -454,13 +455,12 @@ def train(
     none) and ends with the same figures as an uninterrupted run. Without it, ``out_dir`` is
     overwritten. The progress bar goes to stderr, and only when it is a terminal and not ``quiet``.
 
-    Inside a distributed run (see :mod:`dropkit.distributed`) the model is wrapped in
+    Inside a distributed run (see :mod:`dropkit.lab.distributed`) the model is wrapped in
     DistributedDataParallel, each rank trains on its slice of every global batch with its own
     masks, metrics are reduced over the ranks, and only rank 0 prints and writes files; every rank
     reads the checkpoint when resuming.
     """
     config.validate()
-    heap.configure()  # DROPKIT_HEAP, which the dropkit command passes to every process that trains
     if resume and out_dir is None:
         raise ValueError("resume needs an output folder (out_dir) holding the run's checkpoint")
     rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()

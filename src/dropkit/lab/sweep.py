@@ -2,12 +2,12 @@
 
 The classic advice ("try several keep probabilities, keep the best") costs one full training run
 per value. A sweep searches every dropout rate of a model at once (each ``p*`` argument of its
-builder in :mod:`dropkit.models`, e.g. ``p_input`` and ``p_hidden``; optionally the learning rate
+builder in :mod:`dropkit.lab.models`, e.g. ``p_input`` and ``p_hidden``; optionally the learning rate
 and weight decay, log-uniform) with Optuna's TPE sampler (Akiba et al., "Optuna: A
 Next-generation Hyperparameter Optimization Framework", KDD 2019), and stops bad settings early.
 
 How a trial runs
-    A trial is one :func:`dropkit.train.train` run in its own folder. ``train`` has no per-epoch
+    A trial is one :func:`dropkit.lab.train.train` run in its own folder. ``train`` has no per-epoch
     hook, so the trial trains one epoch at a time: ``train(config with epochs=e, resume=True)``
     continues the checkpoint of epoch ``e - 1`` and, by train's contract, ends with exactly the
     figures of an uninterrupted run. After each epoch the trial reports its validation accuracy,
@@ -120,9 +120,10 @@ from optuna.storages import JournalStorage  # noqa: E402
 from optuna.storages.journal import JournalFileBackend  # noqa: E402
 from optuna.trial import FrozenTrial, Trial, TrialState  # noqa: E402
 
-from dropkit import distributed, rng  # noqa: E402
-from dropkit.models import MODELS  # noqa: E402
-from dropkit.train import CHECKPOINT, TrainConfig, train  # noqa: E402
+from dropkit import rng  # noqa: E402
+from dropkit.lab import distributed  # noqa: E402
+from dropkit.lab.models import MODELS  # noqa: E402
+from dropkit.lab.train import CHECKPOINT, TrainConfig, train  # noqa: E402
 
 __all__ = [
     "PRUNERS",
@@ -366,7 +367,7 @@ def _history_of(config: TrainConfig, out_dir: str, resume: bool) -> list[dict[st
 @dataclass(frozen=True)
 class DataParallelTrain:
     """A ``train_fn`` that runs every job of a sweep as a data-parallel run of ``nproc`` local
-    processes (``dropkit sweep --nproc``; see :mod:`dropkit.distributed`): each rank draws its own
+    processes (``dropkit sweep --nproc``; see :mod:`dropkit.lab.distributed`): each rank draws its own
     masks, rank 0 writes the run folder, and the sweep reads rank 0's metrics. A module-level,
     frozen class, so spawned sweep workers can take it along."""
 

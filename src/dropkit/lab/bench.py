@@ -3,14 +3,7 @@ never run as tests.
 
 Method. A speed claim is a ratio measured in one run against a named baseline on the same input:
 torch's own op, and a plain copy of the same bytes (``torch.empty_like(x).copy_(x)``, the memory
-ceiling: one read, one write, one fresh allocation, as torch's ops make). dropkit's outputs of
-32 MiB and more do not come fresh: they reuse the memory of earlier outputs that were freed
-(:mod:`dropkit.block_cache`), already mapped and written, so their first write page-faults no more.
-So that this saving is not passed off as the kernel's, every case also times the same copy into
-an output taken the way dropkit takes its own: ``copy_cached`` (from the cache: the floor of one
-pass over the data) and ``copy_huge`` (fresh, advised to use huge pages,
-:func:`dropkit.heap.huge_page_empty_like`, as dropkit's outputs were before the cache), and reports
-the ratios against each copy (``*_over_copy``, ``*_over_copy_cached``, ``*_over_copy_huge``). Every
+ceiling: one read, one write, one fresh allocation, as torch's ops make). Every
 figure is the median of ``repeats`` samples, and the variants of one case are timed round-robin
 (one sample of each per round) so that background load on a shared machine falls on all of them
 alike. A sample of a fast variant repeats the call until it lasts about ``min_sample_s``.
@@ -39,7 +32,7 @@ from torch import nn
 
 import dropkit
 from dropkit import functional as DF
-from dropkit import block_cache, heap, ops, rng
+from dropkit import ops, rng
 
 #: default sizes of ``kernels``: 2**16 .. 2**26 elements, every other power of two
 DEFAULT_LOG2_SIZES = (16, 18, 20, 22, 24, 26)
@@ -67,13 +60,10 @@ def environment() -> dict:
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "processor": _cpu_name(),
-        # the microarchitecture the kernels were compiled for ("model name" says only "AMD EPYC" on the
-        # VMs, whose CPU changed from an AVX2 part to a Zen 5 with AVX-512 at stop 17)
+        # the microarchitecture the kernels were compiled for ("model name" may name only the vendor)
         "llvm_cpu": llvmlite.binding.get_host_cpu_name(),
         "python": platform.python_version(),
         "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        "heap": os.environ.get(heap.ENV, "default"),  # see dropkit.heap
-        "block_cache_mib": block_cache.limit_bytes() // 2**20,  # see dropkit.block_cache (0: off)
         "rate_bits": rng.rate_bits(),  # the resolution drop rates were rounded to
     }
 
@@ -143,11 +133,7 @@ def kernel_case(dtype: torch.dtype, numel: int, p: float, repeats: int) -> dict:
             x.grad = None
         return run
 
-    variants: dict[str, Callable[[], object]] = {
-        "copy": lambda: torch.empty_like(x).copy_(x),
-        "copy_cached": lambda: block_cache.empty_like(x).copy_(x),
-        "copy_huge": lambda: heap.huge_page_empty_like(x).copy_(x),
-    }
+    variants: dict[str, Callable[[], object]] = {"copy": lambda: torch.empty_like(x).copy_(x)}
     variants.update({f"{name}_fwd": (lambda fn=fn: fn(x)) for name, fn in impls.items()})
     variants.update({f"{name}_fwd_bwd": fwd_bwd(fn) for name, fn in impls.items()})
     ms = {name: 1e3 * t for name, t in median_times(variants, repeats).items()}
@@ -156,9 +142,6 @@ def kernel_case(dtype: torch.dtype, numel: int, p: float, repeats: int) -> dict:
               "ms": {name: round(t, 4) for name, t in ms.items()}}
     result["fwd_over_copy"] = {name: round(ms[f"{name}_fwd"] / copy, 3) for name in impls}
     result["fwd_bwd_over_copy"] = {name: round(ms[f"{name}_fwd_bwd"] / copy, 3) for name in impls}
-    for kind in ("fwd", "fwd_bwd"):  # against copies whose outputs are taken as dropkit's are
-        for baseline in ("copy_cached", "copy_huge"):
-            result[f"{kind}_over_{baseline}"] = {name: round(ms[f"{name}_{kind}"] / ms[baseline], 3) for name in impls}
     result["speedup_vs_torch"] = {
         "fwd": {name: round(ms["torch_fwd"] / ms[f"{name}_fwd"], 2) for name in impls if name != "torch"},
         "fwd_bwd": {name: round(ms["torch_fwd_bwd"] / ms[f"{name}_fwd_bwd"], 2) for name in impls if name != "torch"},

@@ -6,7 +6,7 @@
     dropkit sweep ... --storage postgresql://host/db  # one study shared by several machines
     dropkit sweep ... --pruner halving               # Optuna's stopping-based halving instead of promote
 
-Running the same command again continues the study; see :mod:`dropkit.sweep` for how trials are
+Running the same command again continues the study; see :mod:`dropkit.lab.sweep` for how trials are
 trained, pruned, counted and recovered.
 """
 
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import optuna
 
-from dropkit.commands.options import add_run_options, config_from_args, float_in, int_at_least
-from dropkit.sweep import PLOT_FILE, PRUNERS, SUMMARY_FILE, DataParallelTrain, SweepConfig, format_table, run_sweep
-from dropkit.train import train
+from dropkit.lab.commands.options import add_run_options, config_from_args, float_in, int_at_least
+from dropkit.lab.sweep import PLOT_FILE, PRUNERS, SUMMARY_FILE, DataParallelTrain, SweepConfig, format_table, run_sweep
+from dropkit.lab.train import train
 
 DEFAULT_LR_RANGE = (1e-4, 1e-1)
 DEFAULT_WEIGHT_DECAY_RANGE = (1e-6, 1e-2)

@@ -51,8 +51,9 @@ DATA_ENV = "DROPKIT_DATA"
 #: where the Debian package ``dataset-fashion-mnist`` puts its files
 FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 
-#: the copy of MNIST kept in the repository (src/dropkit/data.py -> <repo>/data/mnist)
-BUNDLED_MNIST = Path(__file__).resolve().parents[2] / "data" / "mnist"
+#: the copy of MNIST shipped inside the package (package data of ``dropkit.lab``, so it is found
+#: the same way in a source checkout and in an installed wheel)
+BUNDLED_MNIST = Path(__file__).resolve().parent / "datasets" / "mnist"
 
 #: datasets known by name; any other folder of IDX files is loaded with ``data_dir``
 DATASETS = ("mnist", "fashion-mnist")
@@ -214,7 +215,7 @@ def _default_folders(name: str) -> list[Path]:
 def load_dataset(name: str = "mnist", data_dir: str | os.PathLike | None = None) -> ImageDataset:
     """Load a dataset by name, or from ``data_dir`` when given (any folder of the four IDX files).
 
-    ``mnist`` is the copy bundled in the repository under ``data/mnist``; ``fashion-mnist`` is read
+    ``mnist`` is the copy shipped with the package (``dropkit/lab/datasets/mnist``); ``fashion-mnist`` is read
     from Debian's ``dataset-fashion-mnist`` package. Either may also sit under ``$DROPKIT_DATA/<name>``.
     """
     if data_dir is not None:

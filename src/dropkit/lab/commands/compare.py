@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from dropkit.commands.options import add_run_options, config_from_args, float_in, int_at_least
-from dropkit.compare import REGULARISERS, p_settings, reg_settings, run_settings, summarise
-from dropkit.report import write_report
+from dropkit.lab.commands.options import add_run_options, config_from_args, float_in, int_at_least
+from dropkit.lab.compare import REGULARISERS, p_settings, reg_settings, run_settings, summarise
+from dropkit.lab.report import write_report
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -2,9 +2,9 @@
 
 ``dropkit compare --p 0 0.2 0.5`` varies the dropout rate; ``--reg none l2 maxnorm dropout
 dropout+maxnorm batchnorm`` puts regularisers side by side (Srivastava et al. 2014, Table 9, did
-this for MNIST). Each setting is one :func:`dropkit.train.train` run with everything else equal,
+this for MNIST). Each setting is one :func:`dropkit.lab.train.train` run with everything else equal,
 in a fresh worker process so that its peak memory is its own. :func:`summarise` turns the runs
-into the figures and plain statements that :mod:`dropkit.report` renders.
+into the figures and plain statements that :mod:`dropkit.lab.report` renders.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dropkit import distributed
-from dropkit.models import MODELS
-from dropkit.train import TrainConfig, train
+from dropkit.lab import distributed
+from dropkit.lab.models import MODELS
+from dropkit.lab.train import TrainConfig, train
 
 #: the regularisers ``--reg`` knows, and what each changes in the base config
 REGULARISERS = ("none", "l2", "maxnorm", "dropout", "dropout+maxnorm", "batchnorm", "dropout+batchnorm")

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dropkit import nn as dnn
-from dropkit.bench import emit_json, environment
-from dropkit.commands.options import OPEN_RATE, int_at_least
+from dropkit.lab.bench import emit_json, environment
+from dropkit.lab.commands.options import OPEN_RATE, int_at_least
 from dropkit.structured import WEIGHT_GRADS, StructuredLinearStack
 
 IN_FEATURES = 784

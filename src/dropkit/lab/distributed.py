@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from dropkit.atomic_files import atomic_write_text
+from dropkit.lab.atomic_files import atomic_write_text
 
 #: how long a collective waits for a missing peer before failing the job
 COLLECTIVE_TIMEOUT = timedelta(seconds=45)

@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from dropkit.compare import write_json  # noqa: E402
+from dropkit.lab.compare import write_json  # noqa: E402
 
 
 def _png(fig: plt.Figure) -> str:

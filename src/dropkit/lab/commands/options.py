@@ -1,7 +1,7 @@
 """Command-line options shared by every subcommand that trains: model, data, optimiser, epochs, seed.
 
 One definition, so ``train``, ``compare`` and ``sweep`` accept the same flags with the same
-meaning and the same range checks, and one conversion to :class:`dropkit.train.TrainConfig`
+meaning and the same range checks, and one conversion to :class:`dropkit.lab.train.TrainConfig`
 (which validates again, for callers that build configs in code).
 """
 
@@ -13,9 +13,9 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from dropkit.data import DATASETS
-from dropkit.models import MODELS
-from dropkit.train import INPUTS, OPTIMIZERS, SCHEDULES, TrainConfig
+from dropkit.lab.data import DATASETS
+from dropkit.lab.models import MODELS
+from dropkit.lab.train import INPUTS, OPTIMIZERS, SCHEDULES, TrainConfig
 
 
 def float_in(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Callable[[str], float]:

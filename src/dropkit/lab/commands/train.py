@@ -14,10 +14,10 @@ import json
 import sys
 from pathlib import Path
 
-from dropkit import distributed
-from dropkit.commands.options import add_run_options, config_from_args, float_in, int_at_least
-from dropkit.models import main_rate
-from dropkit.train import DROP_SCHEDULES, TrainConfig, train
+from dropkit.lab import distributed
+from dropkit.lab.commands.options import add_run_options, config_from_args, float_in, int_at_least
+from dropkit.lab.models import main_rate
+from dropkit.lab.train import DROP_SCHEDULES, TrainConfig, train
 
 
 RATE_MODES = ("auto", "concrete")

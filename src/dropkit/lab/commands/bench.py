@@ -1,12 +1,13 @@
-"""``dropkit bench``: the kernel and train-step benchmarks, printed as JSON (see dropkit.bench)."""
+"""``dropkit bench``: the kernel and train-step benchmarks, printed as JSON (see dropkit.lab.bench)."""
 
 from __future__ import annotations
 
 import argparse
 
-from dropkit import bench, rng
-from dropkit.commands import bench_structured
-from dropkit.commands.options import OPEN_RATE, int_at_least
+from dropkit import rng
+from dropkit.lab import bench
+from dropkit.lab.commands import bench_structured
+from dropkit.lab.commands.options import OPEN_RATE, int_at_least
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
