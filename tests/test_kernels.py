@@ -19,7 +19,7 @@ import torch
 from dropkit import functional as DF
 from dropkit import kernels, ops, rng
 from dropkit.lab.cli import main
-from dropkit.kernels import cpu, reference
+from dropkit.kernels import reference
 
 SIZES = [0, 1, 2, 7, 8, 9, 2**11 - 1, 2**11, 2**11 + 1, 2**13 + 1, 2**15 - 1]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]

@@ -35,7 +35,6 @@ loads the kernels instead of compiling them; :func:`dropkit.kernels.warmup` comp
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
