@@ -1,6 +1,6 @@
 """A/B of two or more versions of ``dropkit/kernels/cpu.py``, loaded side by side in one process.
 
-Kernel changes are small against this VM's run-to-run noise (BENCHMARKS.md), so comparing two
+Kernel changes are small against a virtual machine's run-to-run noise (BENCHMARKS.md), so comparing two
 ``bench kernels`` runs made minutes apart tells little. This script imports each version of
 ``cpu.py`` given on the command line as its own module and times their ``masked_seed`` (the
 kernel of the forward and of the seed-mode backward) in turns, round robin, on the same input and into the same
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import inspect
 import os
 import statistics
 import sys
@@ -70,12 +69,9 @@ def time_case(
     versions: dict, x: np.ndarray, width: int, thr: int, rounds: int, allow_different: bool = False
 ) -> dict[str, list[float]]:
     """Seconds per call of each version's forward (and of a copy into the same output), round robin.
-    Versions whose kernel takes a ``prefetch`` flag get the dispatcher's choice for this input.
     A version whose output differs from the first version's stops the run, unless
     ``allow_different`` (a variant timed for what it costs, knowing it changes results)."""
     import torch
-
-    from dropkit.kernels import prefetches
 
     out = np.zeros_like(x)
     bits = np.empty(-(-x.size // 8), np.uint8)
@@ -83,8 +79,6 @@ def time_case(
     calls = {"copy": lambda: torch.from_numpy(out).copy_(torch.from_numpy(x))}
     for name, module in versions.items():
         args = [x, out, bits, np.uint64(0x12345678), np.uint64(0x9ABCDEF), 0, width, thr, 0, keep, 0.0, 0.0, False]
-        if "prefetch" in inspect.signature(module.masked_seed.py_func).parameters:  # from stop 17 on
-            args.append(prefetches(width, x.nbytes))
         calls[name] = lambda m=module, args=args: m.masked_seed(*args)
     results = {}
     for name, call in calls.items():  # compile, and the same outputs from every version

@@ -7,7 +7,7 @@ right after the matmul that precedes dropout in the step (256 x 1024 @ 1024 x 10
 the medians as JSON. A plain torch op (``x * 2``, one read and one write, no mask) is the yardstick
 for what any op costs there.
 
-    DROPKIT_HEAP=retain python benchmarks/op_after_gemm.py
+    python benchmarks/op_after_gemm.py
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 import dropkit
-from dropkit import heap
 from dropkit.lab.bench import emit_json, environment
 
 
@@ -40,7 +39,6 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=400, help="timed calls per figure (the first tenth is warm-up)")
     args = parser.parse_args()
-    heap.configure()
     x = torch.randn(256, 1024, requires_grad=True)
     a, w = torch.randn(256, 1024), torch.randn(1024, 1024)
     grad = torch.ones(256, 1024)

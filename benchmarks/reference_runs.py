@@ -1,4 +1,4 @@
-"""Reference training runs of the experiment issue: published anchors against dropkit's models.
+"""Reference training runs: published anchors against dropkit's models.
 
 The tutorial MLP's anchors are checked by ``dropkit compare --p 0 0.1 0.2 0.5`` instead, whose
 report is the point of that row. Each run here is a :func:`dropkit.lab.train.train` call written under ``--out/<name>/`` with a checkpoint

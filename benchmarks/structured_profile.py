@@ -19,7 +19,6 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dropkit import heap
 from dropkit.lab.bench import emit_json
 from dropkit.lab.commands.bench_structured import _step_fn, _variants, step_inputs
 
@@ -50,7 +49,6 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=20, help="ops listed per variant")
     parser.add_argument("--out", help="also write the JSON to this file")
     args = parser.parse_args()
-    heap.retain_freed_memory()  # as the dropkit command does: no page faults from freed step buffers
     models = _variants(args.width, [args.p], [args.groups], args.weight_grad)
     x, y = step_inputs(args.batch)
     result = {"width": args.width, "batch": args.batch, "p": args.p, "groups": args.groups,

@@ -1,4 +1,4 @@
-"""Semantics of the dropout family (dropkit.functional), each one stated in the foundation issue."""
+"""Semantics of the dropout family (dropkit.functional): each rule of the documented behaviour, one test or more."""
 
 from __future__ import annotations
 

@@ -297,7 +297,7 @@ def _ask_after_another_machine(study: optuna.Study, cfg: SweepConfig) -> None:
 
 
 def test_a_trial_created_past_the_budget_is_surplus_and_never_trained(tmp_path):
-    """Another machine (not under this machine's lock) creates a trial between our count and our ask."""
+    """Another machine (not under this machine's lock) creates a trial between this worker's count and its ask."""
     cfg = fake_cfg(tmp_path, trials=2)
     study = open_study(cfg)
     study.tell(study.ask({"p": optuna.distributions.FloatDistribution(0, 0.8)}), 0.5)
@@ -491,7 +491,7 @@ def _finished_first_jobs(cfg: SweepConfig, rates: list[float]) -> optuna.Study:
 
 
 def test_a_promotion_made_first_by_another_machine_is_a_duplicate_and_never_trained(tmp_path):
-    """Another machine (not under this machine's lock) makes the same promotion just before us."""
+    """Another machine (not under this machine's lock) makes the same promotion just before this worker does."""
     cfg = fake_cfg(tmp_path, trials=3, epochs=3, pruner="promote")
     study = _finished_first_jobs(cfg, [0.5, 0.3, 0.7])
     other = open_study(cfg, worker=1)
@@ -521,7 +521,7 @@ def test_a_configuration_created_past_the_budget_is_surplus_and_never_trained(tm
 
 def test_every_job_plans_the_full_trial_so_schedules_span_it_and_other_pruners_studies_are_refused(tmp_path):
     base = TrainConfig(model="tutorial_mlp", epochs=9, val_size=100, schedule="cosine", drop_schedule="curriculum")
-    SweepConfig(base=base, out_dir=tmp_path, pruner="promote").validate()  # cosine and ramps are fine now
+    SweepConfig(base=base, out_dir=tmp_path, pruner="promote").validate()  # cosine and ramps are accepted
     for epochs in (1, 3, None):
         job = trial_config(base, {"p": 0.3}, epochs)
         assert job.planned_epochs == 9 and job.span == 9 and job.epochs == (epochs or 9)

@@ -101,7 +101,7 @@ def set_rate_bits(bits: int) -> int:
 
     16 (the default) keeps each rate within 2**-17 of the p asked for. 8 rounds it to the nearest
     multiple of 1/256 (within 2**-9: p = 0.1 drops at 0.1016), so a rate that needed 16 random bits
-    per element needs at most 8, which halves the Philox work of the mask (BENCHMARKS.md, issue 4).
+    per element needs at most 8, which halves the Philox work of the mask (BENCHMARKS.md, "Dropout kernels").
     The kept values are still scaled by 1/(1-p) with the p asked for. The setting is process-wide
     and is read whenever a mask is drawn, including the backward pass that regenerates a forward
     mask: set it once, before training, not between a forward and its backward.

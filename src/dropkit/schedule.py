@@ -228,7 +228,7 @@ class _RateCallback:
         if not layers:
             raise ValueError(f"{type(model).__name__} has no dropkit dropout layers to drive")
         if [m for m, _ in self._targets] == layers:
-            return  # already bound: the layers' rates have been changed by us since
+            return  # already bound: the layers' rates may since have been changed by this controller
         top = max(m.p for m in layers)
         self._targets = [(m, m.p / top if self.proportional and top > 0 else 1.0) for m in layers]
 

@@ -40,7 +40,7 @@ from dropkit.structured import WEIGHT_GRADS, StructuredLinearStack
 
 IN_FEATURES = 784
 CLASSES = 10
-#: the issue's targets: structured step / no-dropout step at most this, by p
+#: the bounds each cell is checked against: structured step / no-dropout step at most this, by p
 TARGETS = {0.5: 0.6, 0.3: 0.75}
 #: the command's one-line help, under both of its names
 HELP = "step time of structured dropout vs no dropout and standard dropout (JSON)"
