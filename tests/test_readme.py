@@ -4,6 +4,8 @@ runnable (an HTML comment starting ``<!-- runnable`` on the line before the fenc
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,9 +31,12 @@ def test_marker_finds_only_marked_blocks():
 
 
 @pytest.mark.parametrize("index", range(len(runnable_blocks(README.read_text(encoding="utf-8")))))
-def test_readme_block_runs(index):
+def test_readme_block_runs(index, tmp_path):
+    """Each block in a fresh interpreter, from an empty folder, as a reader would paste it."""
     source = runnable_blocks(README.read_text(encoding="utf-8"))[index]
-    exec(compile(source, f"README.md runnable block {index}", "exec"), {"__name__": "__readme__"})
+    done = subprocess.run([sys.executable, "-c", source], check=False, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, f"README block {index} failed:\n{done.stderr}"
 
 
 def test_readme_has_a_runnable_block():
