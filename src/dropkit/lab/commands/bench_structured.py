@@ -1,7 +1,6 @@
 """``dropkit bench structured``: training-step time of structured dropout against dense MLPs, as JSON.
 
-``dropkit bench-structured`` is the same command under the name the earlier figures in
-BENCHMARKS.md were made with.
+``dropkit bench-structured`` is an alias of the same command.
 
 For each width W and batch B, the MLP 784-W-W-10 takes full training steps (forward, cross-entropy,
 backward, SGD step) in these variants, all from the same initial weights and input:
