@@ -159,7 +159,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    """``dropkit bench-structured``: the earlier name of ``dropkit bench structured``."""
+    """``dropkit bench-structured``: an alias of ``dropkit bench structured``."""
     add_arguments(subparsers.add_parser("bench-structured", help=HELP, description=__doc__.split("\n\n")[0]))
 
 
