@@ -30,10 +30,7 @@ from dropkit.lab.cli import build_parser, main
 from dropkit.lab.commands.sweep import sweep_config
 from dropkit.lab.sweep import (
     STORAGE_FILE,
-    WAIT,
     SweepConfig,
-    _claim,
-    _is_dead,
     next_promotion,
     open_study,
     rate_arguments,
@@ -43,13 +40,17 @@ from dropkit.lab.sweep import (
     summarise,
     trial_config,
 )
+from dropkit.lab.sweep.promote import WAIT
+from dropkit.lab.sweep.study import heartbeat_storage, retry_history
+from dropkit.lab.sweep.worker import _claim, _fail_dead_trials, _is_dead
 from dropkit.lab.train import CHECKPOINT, TrainConfig
 
 #: run folders whose test accuracy was read, in order (the fake's rows record it)
 TEST_READS: list[str] = []
-#: set in a child process: the fake then hangs in trial 1's second epoch after touching this file
+#: set in a child process: the fake then hangs after touching this file, where HANG_AT_ENV says
 HANG_ENV = "DROPKIT_SWEEP_TEST_HANG"
-#: "RUN_SUFFIX EPOCHS": the call that hangs instead (the run folder's name ends so, config.epochs is so)
+#: "RUN_SUFFIX EPOCH": the fake hangs before training that epoch (1-based) in the run folder whose
+#: name ends so (default: trial 1's second epoch)
 HANG_AT_ENV = "DROPKIT_SWEEP_TEST_HANG_AT"
 #: the fake's log, in the folder above the run folders: one line "RUN DONE EPOCHS" per call
 CALLS = "fake_calls.txt"
@@ -73,18 +74,17 @@ class _Result:
     history: list[_Row]
 
 
-def fake_train(config: TrainConfig, out_dir, *, resume: bool = False, quiet: bool = False) -> _Result:
+def fake_train(config: TrainConfig, out_dir, *, resume: bool = False, quiet: bool = False, callbacks=()) -> _Result:
     """Validation accuracy 0.9 - (p - 0.3)^2 + 0.01 * epoch: best at p = 0.3, better every epoch.
 
     Like train, it resumes from its checkpoint (which holds p and the epochs done) and refuses one
-    made with another p; each call appends the epochs it starts from and ends at to :data:`CALLS`.
+    made with another p, calls the callbacks' ``on_epoch_end`` with each epoch it trains, writes
+    its checkpoint after each, and stops early when a callback requests it; each call appends
+    the epochs it starts from and is given to :data:`CALLS`.
     """
     out = Path(out_dir)
     hang = os.environ.get(HANG_ENV)
-    run, epochs = os.environ.get(HANG_AT_ENV, "-0001 2").split()
-    if hang and out.name.endswith(run) and config.epochs == int(epochs):
-        Path(hang).write_text(f"in {out.name}, training to epoch {epochs}")
-        time.sleep(120)
+    run, hang_epoch = os.environ.get(HANG_AT_ENV, "-0001 2").split()
     time.sleep(float(os.environ.get(SLOW_ENV, 0)))
     done = 0
     if resume and (out / CHECKPOINT).exists():
@@ -93,15 +93,26 @@ def fake_train(config: TrainConfig, out_dir, *, resume: bool = False, quiet: boo
             raise ValueError(f"cannot resume {out}: checkpoint {saved}, config p={config.p} epochs={config.epochs}")
         done = saved["epochs"]
     out.mkdir(parents=True, exist_ok=True)
-    (out / CHECKPOINT).write_text(json.dumps({"p": config.p, "epochs": config.epochs}))
     with open(out.parent / CALLS, "a") as log:
         log.write(f"{out.name} {done} {config.epochs}\n")
-    rows = []
-    for epoch in range(1, config.epochs + 1):
+
+    def row_of(epoch: int) -> _Row:
         val = 0.9 - (config.p - 0.3) ** 2 + 0.01 * epoch
         row = _Row(epoch=epoch, val_acc=val, test_acc=val - 0.002)
         row.run = str(out)
-        rows.append(row)
+        return row
+
+    rows = [row_of(epoch) for epoch in range(1, done + 1)]
+    for epoch in range(done + 1, config.epochs + 1):
+        if hang and out.name.endswith(run) and epoch == int(hang_epoch):
+            Path(hang).write_text(f"in {out.name}, training epoch {epoch}")
+            time.sleep(120)
+        rows.append(row_of(epoch))
+        for callback in callbacks:
+            callback.on_epoch_end(None, epoch - 1, rows[-1])
+        (out / CHECKPOINT).write_text(json.dumps({"p": config.p, "epochs": epoch}))
+        if any(callback.stop_requested for callback in callbacks):
+            break
     return _Result(rows)
 
 
@@ -227,7 +238,7 @@ def test_killed_worker_loses_only_its_trial_and_a_rerun_completes(tmp_path):
     assert len(_finished(_load(tmp_path))) == 4 and summary["complete"]
     assert after[0].params == before[0].params and after[0].value == before[0].value
     assert after[1].state == TrialState.FAIL
-    retries = [t for t in after if t.user_attrs.get("retry_of") == 1]
+    retries = [t for t in after if retry_history(t) == [1]]
     assert len(retries) == 1 and retries[0].params == before[1].params
     assert retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
     assert any("trial 1: its worker is gone" in line for line in lines)
@@ -316,6 +327,24 @@ def test_a_trial_of_another_machine_is_dead_when_its_heartbeat_is_stale():
 
     assert not _is_dead(running(time.time() - 10), stale_after=60)
     assert _is_dead(running(time.time() - 100), stale_after=60)
+
+
+def test_with_a_database_optunas_heartbeat_fails_a_silent_trial_and_its_retry_callback_queues_it(tmp_path):
+    """A trial of another machine on a database storage: Optuna's heartbeat judges it."""
+    cfg = fake_cfg(tmp_path, trials=2, storage=f"sqlite:///{tmp_path / 'study.db'}", stale_after=1.0)
+    study = open_study(cfg)
+    study.enqueue_trial({"p": 0.25}, user_attrs={"config": 0})
+    trial = study.ask()
+    trial.suggest_float("p", 0.0, 0.8)
+    trial.set_user_attr("owner", {"host": "elsewhere.invalid", "pid": 1, "started": "1"})
+    heartbeat_storage(cfg).record_heartbeat(trial._trial_id)
+    _fail_dead_trials(study, cfg, log=lambda line: None)
+    assert study.get_trials()[0].state == TrialState.RUNNING  # its heartbeat is fresh
+    time.sleep(2.2)  # past the grace period (stale_after) on SQLite's clock of whole seconds, no heartbeat
+    _fail_dead_trials(study, cfg, log=lambda line: None)
+    failed, retry = study.get_trials()
+    assert failed.state == TrialState.FAIL and retry.state == TrialState.WAITING
+    assert retry.params == {"p": 0.25} and retry.user_attrs["config"] == 0 and retry_history(retry) == [0]
 
 
 @pytest.mark.parametrize(("args", "flag"), [
@@ -439,7 +468,7 @@ def test_a_promotion_resumes_from_a_copy_of_the_promoted_jobs_run(tmp_path):
         if start:
             source = trials[trial.user_attrs["source"]]
             assert _job(source)[0] == config and trial.user_attrs["source_dir"] == source.user_attrs["run_dir"]
-            assert dict(list(trial.intermediate_values.items())[:start]) == source.intermediate_values
+            assert {k: v for k, v in trial.intermediate_values.items() if k <= start} == source.intermediate_values
             assert trial.user_attrs["trained_from"] == start
     # the copied runs are left as they were: configuration 1's first run still holds one epoch
     assert json.loads((Path(trials[1].user_attrs["run_dir"]) / CHECKPOINT).read_text())["epochs"] == 1
@@ -463,7 +492,7 @@ def test_two_workers_run_every_job_of_a_promote_study_once(tmp_path, monkeypatch
 def test_a_killed_promote_worker_loses_only_its_job_and_a_rerun_completes(tmp_path):
     _promote_cfg(tmp_path)
     # the hang is in trial 9, the first promotion
-    _kill_a_worker_in_its_hang(tmp_path, ", trials=9, epochs=9, pruner='promote'", **{HANG_AT_ENV: "-0009 3"})
+    _kill_a_worker_in_its_hang(tmp_path, ", trials=9, epochs=9, pruner='promote'", **{HANG_AT_ENV: "-0009 2"})
     before = _load(tmp_path).get_trials()
     assert [t.state for t in before] == [TrialState.PRUNED] * 9 + [TrialState.RUNNING]
     assert _job(before[9]) == (1, 1)
@@ -473,8 +502,8 @@ def test_a_killed_promote_worker_loses_only_its_job_and_a_rerun_completes(tmp_pa
     after = _check_a_finished_promote_study(tmp_path, summary)
     assert [(t.params, t.value) for t in after[:9]] == [(t.params, t.value) for t in before[:9]]
     assert after[9].state == TrialState.FAIL and [t.number for t in after if t.state == TrialState.FAIL] == [9]
-    (retry,) = [t for t in after if t.user_attrs.get("retry_of") == 9]
-    assert _job(retry) == (1, 1) and retry.user_attrs["source"] == 1 and retry.user_attrs["retries"] == 1
+    (retry,) = [t for t in after if retry_history(t) == [9]]
+    assert _job(retry) == (1, 1) and retry.user_attrs["source"] == 1
     assert retry.state == TrialState.PRUNED and _calls(tmp_path)[Path(retry.user_attrs["run_dir"]).name] == [(1, 3)]
     assert any("trial 9: its worker is gone" in line for line in lines)
 

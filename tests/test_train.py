@@ -12,6 +12,7 @@ import torch
 
 from dropkit.lab import data
 from dropkit.lab import train as training
+from dropkit.lab.train import loop
 from dropkit.lab.cli import main
 from dropkit.lab.models import build_model
 from dropkit.lab.train import (
@@ -68,7 +69,7 @@ def test_fusing_relu_dropout_changes_no_figure_and_keeps_less(monkeypatch):
     config = TrainConfig(**SMALL, model="srivastava_mlp", model_kwargs={"width": 64, "depth": 2})
     fused = train(config, quiet=True)
     assert sum(type(m).__name__ == "ReLUDropout" for m in fused.model.modules()) == 2
-    monkeypatch.setattr(training, "fuse_relu_dropout", lambda model: 0)
+    monkeypatch.setattr(loop, "fuse_relu_dropout", lambda model: 0)
     unfused = train(config, quiet=True)
     timings = ("saved_mib", *TIMINGS)
     assert [{k: v for k, v in row.items() if k not in timings} for row in fused.history] == \
@@ -114,6 +115,15 @@ class Killed(Exception):
     """Stands for the process being killed in the middle of an epoch."""
 
 
+class KillInSecondEpoch(training.Callback):
+    """Raises :class:`Killed` after the first step of the second epoch: the weights have moved
+    past the last checkpoint."""
+
+    def on_step_end(self, model, step, epoch):
+        if epoch == 1:
+            raise Killed
+
+
 @pytest.mark.parametrize(
     "settings",
     [
@@ -125,23 +135,11 @@ class Killed(Exception):
     ],
     ids=["sgd-cosine-maxnorm", "adamw-step", "lstm-weightdrop", "momentum-ramp", "weight-average"],
 )
-def test_resume_after_a_kill_ends_where_the_uninterrupted_run_ends(tmp_path, monkeypatch, settings):
+def test_resume_after_a_kill_ends_where_the_uninterrupted_run_ends(tmp_path, settings):
     config = TrainConfig(**{**SMALL, "limit_train": 1000, **settings})
     straight = train(config, tmp_path / "straight", quiet=True)
-
-    real_train_epoch = training._train_epoch
-    calls = []
-
-    def killed_in_second_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise Killed
-        return real_train_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(training, "_train_epoch", killed_in_second_epoch)
     with pytest.raises(Killed):
-        train(config, tmp_path / "killed", quiet=True)
-    monkeypatch.undo()
+        train(config, tmp_path / "killed", quiet=True, callbacks=[KillInSecondEpoch()])
     assert len(list(iter_metrics(tmp_path / "killed"))) == 1
     torch.manual_seed(12345)  # a resumed process starts from some other random state
     resumed = train(config, tmp_path / "killed", resume=True, quiet=True)

@@ -1,0 +1,74 @@
+"""A run's checkpoint: everything a resumed run needs, written atomically after every epoch.
+
+The file holds the config, the epochs done and their metrics, the model, optimiser and
+learning-rate scheduler, the batch-shuffling generator, the rate controller's state and the
+weight average. torch's global generator is not saved: the loop reseeds it from (seed, rank,
+epoch) at each epoch, which also keeps every rank's masks apart. Reading never unpickles
+arbitrary objects (``torch.load(weights_only=True)``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dropkit.lab.atomic_files import atomic_write
+from dropkit.lab.train.averaging import WeightAverage
+from dropkit.lab.train.config import TrainConfig, check_resumable
+
+__all__ = ["CHECKPOINT", "RunState", "load_checkpoint", "save_checkpoint"]
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class RunState:
+    """The objects of a run whose state a checkpoint carries; ``controller`` is any rate callback
+    with ``state_dict``/``load_state_dict`` (the overfitting controller), else None."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    shuffle: torch.Generator
+    controller: Any = None
+    average: WeightAverage | None = None
+
+
+def save_checkpoint(path: Path, config: TrainConfig, run: RunState, history: list[dict[str, Any]]) -> None:
+    """Write ``run``'s state after ``len(history)`` epochs to ``path``, atomically."""
+    state = {
+        "config": config.to_dict(),
+        "epoch": len(history),
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
+        "shuffle": run.shuffle.get_state(),
+        "rate_controller": run.controller.state_dict() if run.controller is not None else None,
+        "average": run.average.state_dict() if run.average is not None else None,
+        "history": history,
+    }
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: Path, config: TrainConfig, run: RunState) -> list[dict[str, Any]]:
+    """Restore ``run`` from ``path`` (refusing a checkpoint made with other settings, see
+    :func:`~dropkit.lab.train.config.check_resumable`); returns the metrics of the epochs done."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(f"cannot resume: {path} is not a readable checkpoint ({err})") from err
+    check_resumable(state["config"], state["epoch"], config)
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.scheduler is not None:
+        run.scheduler.load_state_dict(state["scheduler"])
+    run.shuffle.set_state(state["shuffle"])
+    if run.controller is not None:
+        run.controller.load_state_dict(state["rate_controller"])
+    if run.average is not None:
+        run.average.load_state_dict(state["average"])
+    return state["history"]
