@@ -1,8 +1,10 @@
-"""Shared test helpers: tiny IDX files written on the fly, so data tests need no real dataset."""
+"""Shared test helpers: tiny IDX files written on the fly, so data tests need no real dataset; a
+throwaway PostgreSQL server (tests/pg_server.py) for the sweeps that share a study through one."""
 
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -43,3 +45,30 @@ def write_idx_folder(folder: Path, n_train: int = 40, n_test: int = 20, *, gz: b
 def idx_folder(tmp_path: Path) -> Path:
     """A folder of four small gzip-compressed IDX files in MNIST's layout."""
     return write_idx_folder(tmp_path / "fake")
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL server for this test process (see tests/pg_server.py), stopped and
+    deleted at the end; the test is skipped with the reason where none can be started, and fails
+    instead when DROPKIT_TEST_POSTGRES=required."""
+    from pg_server import Unavailable, start_server
+
+    try:
+        server = start_server()
+    except Unavailable as err:
+        if os.environ.get("DROPKIT_TEST_POSTGRES") == "required":
+            pytest.fail(f"DROPKIT_TEST_POSTGRES=required, but no PostgreSQL server could be started: {err}")
+        pytest.skip(f"no PostgreSQL server could be started: {err}")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def postgres_url(postgres_server, request) -> str:
+    """The URL of a fresh, empty database on the test PostgreSQL server; the server runs."""
+    if not postgres_server.running():
+        postgres_server.start()
+    name = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[:50]
+    name += f"_{len(postgres_server.databases)}"
+    return postgres_server.create_database(name)

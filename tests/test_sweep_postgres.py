@@ -1,0 +1,266 @@
+"""dropkit sweep on a real PostgreSQL server (tests/pg_server.py): several ``dropkit sweep``
+commands, each its own process as on its own machine, share one study through the server.
+
+They finish exactly the requested trials, none twice, whether they share a run folder or each
+has its own; a worker killed with SIGKILL mid-trial loses only that trial, which a live worker
+runs again (on this machine as soon as the process is gone, from another machine once its
+heartbeat is stale); a sweep with other settings is refused; and a server restarted mid-sweep
+costs the workers a wait, not the sweep, while a server that stays down makes them fail in
+bounded time with an error naming it.
+
+Training is real, on a slice of MNIST with a 16-unit MLP; every test is marked slow. Each test
+prints one JSON line (``postgres sweep:``) with its trial counts and timings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+pytestmark = pytest.mark.slow
+
+STUDY = "shared"
+#: a small real training run: a few seconds per trial
+SMALL = ["--model", "tutorial_mlp", "--model-arg", "hidden=16", "--limit-test", "200", "--val-size", "200",
+         "--batch-size", "100", "--p-step", "0"]
+#: seconds a worker command may take before the test calls it hung
+HANG_LIMIT = 300
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def _start(out: Path, url: str, log: Path, *args: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
+    """Start one ``dropkit sweep`` command on the shared study, its output to ``log``."""
+    command = [*prefix, sys.executable, "-m", "dropkit", "sweep", "--storage", url, "--study", STUDY,
+               "--out", str(out), *SMALL, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as handle:
+        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+
+
+def _wait(procs: list[subprocess.Popen], logs: list[Path], limit: float = HANG_LIMIT) -> list[int]:
+    """Every command's exit code; a command still running after ``limit`` seconds fails the test."""
+    deadline = time.monotonic() + limit
+    codes = []
+    try:
+        for proc in procs:
+            codes.append(proc.wait(timeout=max(0.1, deadline - time.monotonic())))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"a sweep worker hung for {limit} s; output:\n" + _outputs(logs))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return codes
+
+
+def _outputs(logs: list[Path]) -> str:
+    return "\n".join(f"--- {log.name}\n{log.read_text()[-4000:]}" for log in logs)
+
+
+def _study(url: str) -> optuna.Study:
+    return optuna.load_study(study_name=STUDY, storage=url)
+
+
+def _trials(url: str) -> list[optuna.trial.FrozenTrial]:
+    return _study(url).get_trials(deepcopy=False)
+
+
+def _wait_for(condition, what: str, limit: float = 120.0, procs: list[subprocess.Popen] = ()):
+    """Poll ``condition()`` until it returns something true; fail after ``limit`` seconds."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        assert all(p.poll() is None for p in procs), f"a worker ended while waiting for {what}"
+        time.sleep(0.2)
+    pytest.fail(f"no {what} within {limit} s")
+
+
+def _report(**figures) -> None:
+    print("postgres sweep: " + json.dumps(figures), flush=True)
+
+
+def _check_whole_trials(trials: list[optuna.trial.FrozenTrial], n: int) -> list[optuna.trial.FrozenTrial]:
+    """Exactly ``n`` finished trials, no two with the same rates or the same run folder; every
+    failed one either surplus (created past the budget, never trained) or listed by the caller."""
+    finished = [t for t in trials if t.state in FINISHED]
+    assert len(finished) == n
+    assert len({t.params["p"] for t in finished}) == n
+    assert len({t.user_attrs["run_dir"] for t in finished}) == n
+    assert all(Path(t.user_attrs["run_dir"]).is_dir() for t in finished)
+    return finished
+
+
+def _check_jobs(trials: list[optuna.trial.FrozenTrial], n: int) -> None:
+    """--pruner promote: ``n`` configurations, each job (configuration, start epoch) finished once,
+    every failed job a surplus or a duplicate that never trained."""
+    finished = [t for t in trials if t.state in FINISHED]
+    jobs = [(t.user_attrs["config"], t.user_attrs.get("resumes_from", 0)) for t in finished]
+    assert len(jobs) == len(set(jobs))
+    first = [t for t in finished if not t.user_attrs.get("resumes_from")]
+    assert len(first) == n and len({t.params["p"] for t in first}) == n
+    assert any(t.state == TrialState.COMPLETE for t in finished)
+    for t in trials:
+        if t.state == TrialState.FAIL:
+            assert t.user_attrs.get("surplus") or t.user_attrs.get("duplicate"), t.user_attrs
+            assert not t.intermediate_values
+
+
+@pytest.mark.parametrize(("workers", "folders", "pruner"), [
+    (2, "shared", "halving"),
+    (3, "per-worker", "promote"),
+])
+def test_worker_commands_finish_exactly_the_requested_trials(tmp_path, postgres_url, workers, folders, pruner):
+    """Started at the same moment on an empty database, so that they also race to create the
+    schema and the study. A shared run folder puts them under one machine lock; per-worker
+    folders are machines that share nothing but the server."""
+    n = 6
+    outs = [tmp_path / ("runs" if folders == "shared" else f"machine{i}") for i in range(workers)]
+    logs = [tmp_path / f"worker{i}.log" for i in range(workers)]
+    start = time.monotonic()
+    procs = [_start(out, postgres_url, log, "--trials", str(n), "--epochs", "2", "--limit-train", "600",
+                    "--pruner", pruner) for out, log in zip(outs, logs)]
+    codes = _wait(procs, logs)
+    assert codes == [0] * workers, _outputs(logs)
+    trials = _trials(postgres_url)
+    if pruner == "promote":
+        _check_jobs(trials, n)
+    else:
+        _check_whole_trials(trials, n)
+        assert not [t for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("surplus")]
+    for log in logs:
+        assert "best on validation" in log.read_text()
+    _report(test=f"{workers} workers, {folders} folders, {pruner}", trials=len(trials),
+            finished=sum(t.state in FINISHED for t in trials), seconds=round(time.monotonic() - start, 1))
+
+
+def _can_be_another_host() -> bool:
+    """Whether a command can run under another host name (a UTS namespace: root on Linux)."""
+    try:
+        return subprocess.run(["unshare", "--uts", "sh", "-c", "hostname other-machine"],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.parametrize("where", ["same-machine", "other-machine"])
+def test_a_killed_worker_loses_only_its_trial_which_a_live_worker_runs_again(tmp_path, postgres_url, where):
+    """Worker A is killed with SIGKILL once its trial has reported an epoch. On the same machine,
+    worker B sees A's process gone; A on another machine (another host name, in a UTS namespace)
+    is found dead by its heartbeat, older than --stale-after. B fails A's trial, queues its
+    rates again and trains them; the study ends with exactly the requested trials."""
+    prefix: tuple[str, ...] = ()
+    if where == "other-machine":
+        if not _can_be_another_host():
+            pytest.skip("cannot run a command under another host name here (unshare --uts needs root on Linux)")
+        prefix = ("unshare", "--uts", "sh", "-c", 'hostname other-machine && exec "$@"', "sh")
+    n, stale = 4, 4.0
+    args = ("--trials", str(n), "--epochs", "3", "--limit-train", "3000", "--pruner", "halving",
+            "--stale-after", str(stale))
+    out, logs = tmp_path / "runs", [tmp_path / "a.log", tmp_path / "b.log"]
+    a = _start(out, postgres_url, logs[0], *args, prefix=prefix)
+
+    def a_mid_trial():
+        return next((t for t in _trials(postgres_url) if t.state == TrialState.RUNNING
+                     and t.user_attrs.get("owner", {}).get("pid") == a.pid and t.intermediate_values), None)
+
+    victim = _wait_for(a_mid_trial, "trial of worker A with a reported epoch", procs=[a])
+    b = _start(out, postgres_url, logs[1], *args)
+    a.send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    a.wait()
+    assert _wait([b], logs) == [0], _outputs(logs)
+
+    trials = _trials(postgres_url)
+    _check_whole_trials(trials, n)
+    failed = [t for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("surplus")]
+    assert [t.number for t in failed] == [victim.number]
+    retry = [t for t in trials if t.user_attrs.get("retry_of") == victim.number]
+    assert len(retry) == 1 and retry[0].state in FINISHED and retry[0].params == victim.params
+    assert f"trial {victim.number}: its worker is gone" in logs[1].read_text()
+    expected_owner = "other-machine" if where == "other-machine" else os.uname().nodename
+    assert victim.user_attrs["owner"]["host"] == expected_owner
+    marked_dead = failed[0].datetime_complete.timestamp() - killed_at
+    if where == "other-machine":
+        assert marked_dead >= stale - 1.5  # not before its heartbeat (every stale / 4 s) went stale
+    _report(test=f"SIGKILL, {where}", trials=len(trials), finished=sum(t.state in FINISHED for t in trials),
+            failed=len(failed), epochs_lost=len(victim.intermediate_values),
+            seconds_kill_to_marked_dead=round(marked_dead, 1),
+            seconds_kill_to_retry_finished=round(retry[0].datetime_complete.timestamp() - killed_at, 1),
+            seconds_kill_to_sweep_done=round(time.time() - killed_at, 1))
+
+
+def test_a_sweep_with_other_settings_is_refused(tmp_path, postgres_url):
+    """The study's settings live in the server: a command from another folder (another machine)
+    with other epochs or another search range is refused and names what differs."""
+    first = _start(tmp_path / "a", postgres_url, tmp_path / "a.log", "--trials", "1", "--epochs", "1",
+                   "--limit-train", "300", "--pruner", "none")
+    assert _wait([first], [tmp_path / "a.log"]) == [0]
+    for args, differs in ((("--epochs", "2"), "epochs: 1 -> 2"),
+                          (("--epochs", "1", "--p-range", "0.1", "0.5"), "search space")):
+        done = subprocess.run([sys.executable, "-m", "dropkit", "sweep", "--storage", postgres_url, "--study", STUDY,
+                               "--out", str(tmp_path / "b"), *SMALL, "--trials", "1", "--limit-train", "300",
+                               "--pruner", "none", *args], capture_output=True, text=True, timeout=HANG_LIMIT)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert f"study '{STUDY}' was made with other settings" in done.stderr and differs in done.stderr
+    assert len(_trials(postgres_url)) == 1
+
+
+def test_a_server_restarted_mid_sweep_costs_a_wait_not_the_sweep(tmp_path, postgres_server, postgres_url):
+    """The server goes down (fast shutdown: every connection closed) while two workers train, and
+    comes back 5 s later. The workers retry and finish exactly the requested trials."""
+    n = 4
+    out, logs = tmp_path / "runs", [tmp_path / "a.log", tmp_path / "b.log"]
+    procs = [_start(out, postgres_url, log, "--trials", str(n), "--epochs", "3", "--limit-train", "3000",
+                    "--pruner", "halving") for log in logs]
+    _wait_for(lambda: any(t.state == TrialState.RUNNING and t.intermediate_values for t in _trials(postgres_url)),
+              "trial with a reported epoch", procs=procs)
+    start = time.monotonic()
+    postgres_server.stop("fast")
+    down_at = time.monotonic()
+    time.sleep(5)
+    postgres_server.start()
+    up_at = time.monotonic()
+    codes = _wait(procs, logs)
+    assert codes == [0, 0], _outputs(logs)
+    trials = _trials(postgres_url)
+    _check_whole_trials(trials, n)
+    output = _outputs(logs)
+    assert "Traceback" not in output
+    _report(test="server restarted mid-sweep", trials=len(trials), finished=sum(t.state in FINISHED for t in trials),
+            failed=sum(t.state == TrialState.FAIL for t in trials), seconds_down=round(up_at - down_at, 1),
+            seconds_restart_to_sweep_done=round(time.monotonic() - start, 1),
+            waits_logged=len(re.findall("storage .* unreachable", output)))
+
+
+def test_a_server_that_stays_down_fails_the_workers_in_bounded_time_naming_it(tmp_path, postgres_server,
+                                                                            postgres_url):
+    out, log = tmp_path / "runs", tmp_path / "a.log"
+    proc = _start(out, postgres_url, log, "--trials", "4", "--epochs", "3", "--limit-train", "3000",
+                  "--pruner", "halving", "--storage-timeout", "10")
+    _wait_for(lambda: any(t.state == TrialState.RUNNING and t.intermediate_values for t in _trials(postgres_url)),
+              "trial with a reported epoch", procs=[proc])
+    postgres_server.stop("immediate")
+    down_at = time.monotonic()
+    try:
+        assert _wait([proc], [log], limit=120) == [1]
+        took = time.monotonic() - down_at
+    finally:
+        postgres_server.start()
+    output = log.read_text()
+    host = postgres_url.split("@")[1]
+    assert re.search(rf"storage postgresql://\S*{re.escape(host)}\S* unreachable", output), output
+    assert "Traceback" not in output
+    _report(test="server down for good", seconds_down_to_exit=round(took, 1))
