@@ -14,6 +14,7 @@ prints one JSON line (``postgres sweep:``) with its trial counts and timings.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -68,12 +69,18 @@ def _outputs(logs: list[Path]) -> str:
     return "\n".join(f"--- {log.name}\n{log.read_text()[-4000:]}" for log in logs)
 
 
-def _study(url: str) -> optuna.Study:
-    return optuna.load_study(study_name=STUDY, storage=url)
+@functools.cache
+def _storage(url: str) -> optuna.storages.RDBStorage:
+    """One storage (one connection pool) per database for the test's own looks at the study."""
+    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
 
 
 def _trials(url: str) -> list[optuna.trial.FrozenTrial]:
-    return _study(url).get_trials(deepcopy=False)
+    """The study's trials; none while no worker has created it yet."""
+    storage = _storage(url)
+    if STUDY not in [s.study_name for s in storage.get_all_studies()]:
+        return []
+    return optuna.load_study(study_name=STUDY, storage=storage).get_trials(deepcopy=False)
 
 
 def _wait_for(condition, what: str, limit: float = 120.0, procs: list[subprocess.Popen] = ()):
@@ -157,10 +164,11 @@ def _can_be_another_host() -> bool:
 
 @pytest.mark.parametrize("where", ["same-machine", "other-machine"])
 def test_a_killed_worker_loses_only_its_trial_which_a_live_worker_runs_again(tmp_path, postgres_url, where):
-    """Worker A is killed with SIGKILL once its trial has reported an epoch. On the same machine,
-    worker B sees A's process gone; A on another machine (another host name, in a UTS namespace)
-    is found dead by its heartbeat, older than --stale-after. B fails A's trial, queues its
-    rates again and trains them; the study ends with exactly the requested trials."""
+    """Workers A and B start together; A is killed with SIGKILL once its trial has reported an
+    epoch. On the same machine, B sees A's process gone; A on another machine (another host name,
+    in a UTS namespace) is found dead by its heartbeat, older than --stale-after. B fails A's
+    trial, queues its rates again and trains them; the study ends with exactly the requested
+    trials."""
     prefix: tuple[str, ...] = ()
     if where == "other-machine":
         if not _can_be_another_host():
@@ -171,13 +179,13 @@ def test_a_killed_worker_loses_only_its_trial_which_a_live_worker_runs_again(tmp
             "--stale-after", str(stale))
     out, logs = tmp_path / "runs", [tmp_path / "a.log", tmp_path / "b.log"]
     a = _start(out, postgres_url, logs[0], *args, prefix=prefix)
+    b = _start(out, postgres_url, logs[1], *args)
 
     def a_mid_trial():
         return next((t for t in _trials(postgres_url) if t.state == TrialState.RUNNING
                      and t.user_attrs.get("owner", {}).get("pid") == a.pid and t.intermediate_values), None)
 
-    victim = _wait_for(a_mid_trial, "trial of worker A with a reported epoch", procs=[a])
-    b = _start(out, postgres_url, logs[1], *args)
+    victim = _wait_for(a_mid_trial, "trial of worker A with a reported epoch", procs=[a, b])
     a.send_signal(signal.SIGKILL)
     killed_at = time.time()
     a.wait()

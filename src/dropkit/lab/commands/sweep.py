@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import optuna
 
 from dropkit.lab.commands.options import add_run_options, config_from_args, float_in, int_at_least
+from dropkit.lab.storage import DEFAULT_TIMEOUT, StorageUnreachable
 from dropkit.lab.sweep import PLOT_FILE, PRUNERS, SUMMARY_FILE, DataParallelTrain, SweepConfig, format_table, run_sweep
 from dropkit.lab.train import train
 
@@ -72,6 +74,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     study.add_argument("--stale-after", type=float_in(0, math.inf, low_open=True, high_open=True), default=120.0,
                        metavar="SECONDS", help="a trial of another machine whose heartbeat is older than this is "
                                                "taken as dead and retried (default %(default)g)")
+    study.add_argument("--storage-timeout", type=float_in(0, math.inf, low_open=True, high_open=True),
+                       default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                       help="how long a worker retries a --storage it cannot reach (a server restarting, a network "
+                            "down) before it fails with an error naming it (default %(default)g)")
     add_run_options(parser)
     parser.set_defaults(func=run)
 
@@ -95,7 +101,7 @@ def sweep_config(args: argparse.Namespace) -> SweepConfig:
         p_step=args.p_step or None,
         lr_range=_range(args, "lr", DEFAULT_LR_RANGE),
         weight_decay_range=_range(args, "weight_decay", DEFAULT_WEIGHT_DECAY_RANGE),
-        stale_after=args.stale_after,
+        stale_after=args.stale_after, storage_timeout=args.storage_timeout,
     )
     cfg.validate()
     return cfg
@@ -113,7 +119,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"dropkit sweep: {base.model} on {base.dataset}, {cfg.trials} {unit} of up to {base.epochs} epochs, "
           f"pruner {cfg.pruner}, {cfg.workers} worker(s)" + (f" of {args.nproc} processes" if args.nproc > 1 else ""),
           flush=True)
-    summary = run_sweep(cfg, DataParallelTrain(args.nproc) if args.nproc > 1 else train)
+    try:
+        summary = run_sweep(cfg, DataParallelTrain(args.nproc) if args.nproc > 1 else train)
+    except StorageUnreachable as err:
+        print(f"dropkit sweep: {err}; run the same command again to continue the study", file=sys.stderr)
+        return 1
     print(format_table(summary))
     epochs = summary["epochs"]
     if epochs["full_grid"]:

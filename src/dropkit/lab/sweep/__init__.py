@@ -62,7 +62,9 @@ Storage, resumption and workers
     folder: an append-only log that several local processes may write at once, which SQLite is
     not good at (optuna#4002). Running the same command again continues the study of that name.
     ``--storage URL`` takes any Optuna storage URL (e.g. ``postgresql://...``) so that workers on
-    several machines share one study.
+    several machines share one study; :mod:`dropkit.lab.storage` opens it, retrying while other
+    workers create its schema and while the server is unreachable (for at most
+    ``--storage-timeout`` seconds, then the worker fails with an error naming the storage).
 
     Every worker pulls trials until the study holds exactly ``trials`` finished ones (complete or
     pruned). Optuna's ``MaxTrialsCallback`` is not enough for that: it checks the count after a

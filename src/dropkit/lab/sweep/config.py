@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dropkit.lab.models import MODELS
+from dropkit.lab.storage import DEFAULT_TIMEOUT
 from dropkit.lab.train import TrainConfig
 
 __all__ = ["PRUNERS", "SweepConfig", "rate_arguments", "search_space", "trial_config"]
@@ -41,6 +42,7 @@ class SweepConfig:
     lr_range: tuple[float, float] | None = None
     weight_decay_range: tuple[float, float] | None = None
     stale_after: float = 120.0
+    storage_timeout: float = DEFAULT_TIMEOUT
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
@@ -77,6 +79,8 @@ class SweepConfig:
                                  f"got {bounds[0]:g} {bounds[1]:g}")
         if not (self.stale_after > 0 and math.isfinite(self.stale_after)):
             raise ValueError(f"--stale-after must be a number of seconds > 0, got {self.stale_after}")
+        if not (self.storage_timeout > 0 and math.isfinite(self.storage_timeout)):
+            raise ValueError(f"--storage-timeout must be a number of seconds > 0, got {self.storage_timeout}")
         if not self.study_name:
             raise ValueError("--study must be a non-empty name")
         if not search_space(self):

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import socket
 import warnings
+import zlib
 from typing import Any
 
 import optuna
@@ -15,6 +18,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, Trial
 
 from dropkit import rng
+from dropkit.lab.storage import PatientStorage, open_database
 from dropkit.lab.sweep.config import SweepConfig, search_space
 
 __all__ = [
@@ -70,26 +74,27 @@ def make_storage(cfg: SweepConfig) -> optuna.storages.BaseStorage:
     with Optuna's heartbeat (see :func:`heartbeat_storage`)."""
     if cfg.storage is None:
         return JournalStorage(JournalFileBackend(str(cfg.out_dir / STORAGE_FILE)))
-    return _database(cfg.storage, cfg.stale_after)
+    return _database(cfg.storage, cfg.stale_after, cfg.storage_timeout)
 
 
-def heartbeat_storage(cfg: SweepConfig) -> optuna.storages.RDBStorage | None:
+def heartbeat_storage(cfg: SweepConfig) -> PatientStorage | None:
     """The storage whose heartbeat Optuna keeps, or None for a journal file, which has none.
 
     A database study records a heartbeat for every running trial every ``stale_after / 4``
     seconds; a trial without one for ``stale_after`` seconds is failed by
     :func:`optuna.storages.fail_stale_trials` and queued again by :data:`RETRY`."""
-    return None if cfg.storage is None else _database(cfg.storage, cfg.stale_after)
+    return None if cfg.storage is None else _database(cfg.storage, cfg.stale_after, cfg.storage_timeout)
 
 
 @functools.lru_cache(maxsize=None)
-def _database(url: str, stale_after: float) -> optuna.storages.RDBStorage:
-    """One storage object per database and process, so that heartbeats go through the one the study uses."""
+def _database(url: str, stale_after: float, timeout: float) -> PatientStorage:
+    """One storage object per database and process, so that heartbeats go through the one the
+    study uses; it waits up to ``timeout`` seconds for a server it cannot reach
+    (:mod:`dropkit.lab.storage`)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, heartbeat_interval=max(1, round(stale_after / 4)),
-                                          grace_period=max(1, round(stale_after)),
-                                          heartbeat_stale_trial_callback=RETRY)
+        return open_database(url, timeout, heartbeat_interval=max(1, round(stale_after / 4)),
+                             grace_period=max(1, round(stale_after)), heartbeat_stale_trial_callback=RETRY)
 
 
 def open_study(cfg: SweepConfig, *, worker: int = 0) -> optuna.Study:
@@ -97,7 +102,9 @@ def open_study(cfg: SweepConfig, *, worker: int = 0) -> optuna.Study:
 
     Each opening gets its own TPE sampler seed, derived from the run seed, ``worker`` and the number
     of trials already in the study, so that workers and resumed runs do not replay each other's
-    random draws. TPE's random start-up is a third of the budget, at most Optuna's default of 10.
+    random draws; with a database storage also from the host name and process id, since commands
+    on several machines open the study with the same worker numbers, often when it holds the same
+    number of trials. TPE's random start-up is a third of the budget, at most Optuna's default of 10.
     """
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     storage = make_storage(cfg)
@@ -109,7 +116,8 @@ def open_study(cfg: SweepConfig, *, worker: int = 0) -> optuna.Study:
         study.set_user_attr("dropkit", record)
     else:
         _check_same_settings(cfg, saved, record)
-    seed = rng.derive_seed(cfg.base.seed, SAMPLER_STREAM, worker, len(study.get_trials(deepcopy=False)))
+    opener = () if cfg.storage is None else (zlib.crc32(f"{socket.gethostname()} {os.getpid()}".encode()),)
+    seed = rng.derive_seed(cfg.base.seed, SAMPLER_STREAM, worker, len(study.get_trials(deepcopy=False)), *opener)
     sampler = optuna.samplers.TPESampler(seed=seed % 2**32, n_startup_trials=min(10, max(1, cfg.trials // 3)),
                                          constant_liar=True)
     return optuna.load_study(study_name=cfg.study_name, storage=storage, sampler=sampler, pruner=_pruner(cfg))

@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import shutil
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -23,6 +24,7 @@ import torch
 from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, Trial, TrialState
 
+from dropkit.lab.storage import StorageUnreachable
 from dropkit.lab.sweep.config import SweepConfig, search_space
 from dropkit.lab.sweep.promote import (
     DONE,
@@ -95,7 +97,7 @@ def _is_dead(trial: FrozenTrial, stale_after: float, optuna_heartbeat: bool = Fa
     owner = trial.user_attrs.get("owner")
     if owner is not None and owner["host"] == socket.gethostname():
         return _process_start(owner["pid"]) != owner["started"]
-    if optuna_heartbeat:
+    if optuna_heartbeat and owner is not None:  # an ownerless trial was never taken: it has no heartbeat
         return False
     last = trial.user_attrs.get("heartbeat") or trial.datetime_start.timestamp()
     return time.time() - last > stale_after
@@ -240,6 +242,8 @@ class _Heartbeat:
                     self.trial.set_user_attr("heartbeat", time.time())
             except UpdateFinishedTrialError:  # another worker took it for dead (see run_worker)
                 return
+            except StorageUnreachable:  # the training thread's next call to the storage fails the same way
+                return
 
     def __enter__(self) -> _Heartbeat:
         if self.storage is not None:
@@ -279,6 +283,8 @@ def run_worker(cfg: SweepConfig, worker: int = 0, train_fn: TrainFn = train, log
             log(f"trial {trial.number} was marked FAIL by a worker that took it for dead (no heartbeat for "
                 f"{cfg.stale_after:g} s): its result is dropped")
             continue
+        except StorageUnreachable:
+            raise  # the trial cannot be marked failed; another worker retries it once it looks dead
         except BaseException:
             study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             raise
@@ -309,7 +315,11 @@ def _worker_main(cfg: SweepConfig, worker: int, train_fn: TrainFn) -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(max(1, cores // cfg.workers))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    run_worker(cfg, worker, train_fn, lambda line: print(f"worker {worker}: {line}", flush=True))
+    try:
+        run_worker(cfg, worker, train_fn, lambda line: print(f"worker {worker}: {line}", flush=True))
+    except StorageUnreachable as err:
+        print(f"worker {worker}: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def run_sweep(cfg: SweepConfig, train_fn: TrainFn = train, log: Log = say) -> dict[str, Any]:
