@@ -4,6 +4,8 @@ every storage call (the real-server behaviour is in test_sweep_postgres.py)."""
 
 from __future__ import annotations
 
+import importlib.util
+import re
 import warnings
 
 import optuna
@@ -12,7 +14,14 @@ import sqlalchemy.exc
 from optuna.storages import BaseStorage, InMemoryStorage, RDBStorage
 from optuna.storages._heartbeat import is_heartbeat_enabled
 
-from dropkit.lab.storage import PatientStorage, StorageUnreachable, call_patiently, describe, lost_connection
+from dropkit.lab.storage import (
+    PatientStorage,
+    StorageUnreachable,
+    call_patiently,
+    describe,
+    lost_connection,
+    open_database,
+)
 
 
 def _operational(message: str = "connection refused") -> sqlalchemy.exc.OperationalError:
@@ -99,3 +108,20 @@ def test_the_wrapper_keeps_the_heartbeat_of_the_storage_it_wraps():
         trial = study.ask()
     storage.record_heartbeat(trial._trial_id)
     assert storage._get_stale_trial_ids(study._study_id) == []
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("nonsense", "--storage 'nonsense' is not a database URL such as postgresql://"),
+    ("postgresql+nodriver://u:pw@127.0.0.1:1/x", "--storage 'postgresql+nodriver://u:***@127.0.0.1:1/x' is not a"),
+])
+def test_a_bad_url_is_an_error_naming_the_flag(url, says):
+    with pytest.raises(ValueError, match=re.escape(says)):
+        open_database(url, timeout=1, log=lambda line: None)
+
+
+def test_a_missing_driver_is_an_error_naming_the_flag_and_the_extra():
+    if importlib.util.find_spec("MySQLdb") is not None:
+        pytest.skip("MySQLdb is installed here: its URL would not lack a driver")
+    with pytest.raises(ValueError, match=re.escape("--storage mysql+mysqldb://u:***@127.0.0.1:1/x: its database "
+                                                   "driver is not installed (No module named 'MySQLdb')")):
+        open_database("mysql+mysqldb://u:pw@127.0.0.1:1/x", timeout=1, log=lambda line: None)

@@ -272,3 +272,66 @@ def test_a_server_that_stays_down_fails_the_workers_in_bounded_time_naming_it(tm
     assert re.search(rf"storage postgresql://\S*{re.escape(host)}\S* unreachable", output), output
     assert "Traceback" not in output
     _report(test="server down for good", seconds_down_to_exit=round(took, 1))
+
+
+def _readme_recipe() -> list[str]:
+    """The command lines of the README's "Sweeps across machines" section, comments removed."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("### Sweeps across machines", 1)[1].split("\n#", 1)[0]
+    return [line.split("  #")[0].strip() for line in section.splitlines() if line.startswith("    ")]
+
+
+def _private_machine(folder: Path, host: str) -> tuple[str, ...] | None:
+    """A command prefix that runs under host name ``host`` with its own empty filesystem mounted at
+    ``folder`` (mount and UTS namespaces), as on a machine of its own; None where not allowed."""
+    prefix = ("unshare", "--mount", "--uts", "sh", "-c",
+              'mount -t tmpfs tmpfs "$0" && cd "$0" && hostname "$1" && shift && exec "$@"', str(folder), host)
+    folder.mkdir(exist_ok=True)
+    try:
+        ok = subprocess.run([*prefix, "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        ok = False
+    return prefix if ok else None
+
+
+def test_the_readme_recipe_runs_as_written_on_two_machines(tmp_path, postgres_server):
+    """The README's commands, run as written with the server's host, port and user put in for
+    DBHOST, 5432 and USER, and a small run's flags appended (argparse keeps the last): the database
+    is created, then the sweep command runs on two "machines" (own host name, own empty filesystem
+    at the same path, so that neither sees the other's runs) with 2 workers each."""
+    pip, createdb, sweep = _readme_recipe()
+    assert pip.startswith("pip install 'dropkit[postgres]'")
+    values = {"DBHOST": "127.0.0.1", "5432": str(postgres_server.port), "USER": "dropkit"}
+    fill = lambda line: re.sub("|".join(values), lambda m: values[m.group(0)], line)  # noqa: E731
+    words = fill(createdb).split()
+    assert words[0] == "createdb"
+    done = postgres_server._run(*words, timeout=60)
+    assert done.returncode == 0, done.stderr
+    words = fill(sweep).split()
+    assert words[:2] == ["dropkit", "sweep"]
+    url = words[words.index("--storage") + 1]
+    study = words[words.index("--study") + 1]
+    command = [sys.executable, "-m", "dropkit", *words[1:], *SMALL, "--trials", "4", "--epochs", "2",
+               "--limit-train", "600"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    logs, procs = [tmp_path / "machine0.log", tmp_path / "machine1.log"], []
+    private = _private_machine(tmp_path / "machine", "machine0")
+    for i, log in enumerate(logs):
+        if private is not None:
+            prefix, cwd = (*private[:-1], f"machine{i}"), None
+        else:  # no namespaces here: two folders of one filesystem
+            prefix, cwd = (), tmp_path / f"machine{i}"
+            cwd.mkdir(exist_ok=True)
+        with open(log, "w") as handle:
+            procs.append(subprocess.Popen([*prefix, *command], stdout=handle, stderr=subprocess.STDOUT, env=env,
+                                          cwd=cwd))
+    assert _wait(procs, logs) == [0, 0], _outputs(logs)
+    trials = optuna.load_study(study_name=study, storage=url).get_trials()
+    _check_jobs(trials, 4)
+    winners = [re.search(r"best on validation: trial \d+ .*", log.read_text()) for log in logs]
+    assert all(winners) and winners[0].group(0) == winners[1].group(0), _outputs(logs)
+    if private is not None:  # the winner's run is on one machine only: the other trains it again
+        assert sum("training it again there for its test accuracy" in log.read_text() for log in logs) >= 1
+        assert {t.user_attrs["owner"]["host"] for t in trials if "owner" in t.user_attrs} == {"machine0", "machine1"}
+    _report(test="README recipe, 2 machines x 2 workers", private_filesystems=private is not None,
+            trials=len(trials), finished=sum(t.state in FINISHED for t in trials))
