@@ -47,10 +47,10 @@ def idx_folder(tmp_path: Path) -> Path:
     return write_idx_folder(tmp_path / "fake")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def postgres_server():
-    """A throwaway PostgreSQL server for this test process (see tests/pg_server.py), stopped and
-    deleted at the end; the test is skipped with the reason where none can be started, and fails
+    """A throwaway PostgreSQL server for the tests of one module (see tests/pg_server.py), stopped
+    and deleted after them; the test is skipped with the reason where none can be started, and fails
     instead when DROPKIT_TEST_POSTGRES=required."""
     from pg_server import Unavailable, start_server
 

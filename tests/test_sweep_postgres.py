@@ -34,8 +34,8 @@ STUDY = "shared"
 #: a small real training run: a few seconds per trial
 SMALL = ["--model", "tutorial_mlp", "--model-arg", "hidden=16", "--limit-test", "200", "--val-size", "200",
          "--batch-size", "100", "--p-step", "0"]
-#: seconds a worker command may take before the test calls it hung
-HANG_LIMIT = 300
+#: seconds a worker command may take before the test calls it hung (generous: a loaded machine is slow)
+HANG_LIMIT = 600
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
@@ -83,7 +83,7 @@ def _trials(url: str) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=STUDY, storage=storage).get_trials(deepcopy=False)
 
 
-def _wait_for(condition, what: str, limit: float = 120.0, procs: list[subprocess.Popen] = ()):
+def _wait_for(condition, what: str, limit: float = HANG_LIMIT, procs: list[subprocess.Popen] = ()):
     """Poll ``condition()`` until it returns something true; fail after ``limit`` seconds."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
@@ -166,7 +166,7 @@ def _can_be_another_host() -> bool:
 def test_a_killed_worker_loses_only_its_trial_which_a_live_worker_runs_again(tmp_path, postgres_url, where):
     """Workers A and B start together; A is killed with SIGKILL once its trial has reported an
     epoch. On the same machine, B sees A's process gone; A on another machine (another host name,
-    in a UTS namespace) is found dead by its heartbeat, older than --stale-after. B fails A's
+    in a UTS namespace) is found dead by Optuna's heartbeat, older than --stale-after. B fails A's
     trial, queues its rates again and trains them; the study ends with exactly the requested
     trials."""
     prefix: tuple[str, ...] = ()
@@ -195,9 +195,10 @@ def test_a_killed_worker_loses_only_its_trial_which_a_live_worker_runs_again(tmp
     _check_whole_trials(trials, n)
     failed = [t for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("surplus")]
     assert [t.number for t in failed] == [victim.number]
-    retry = [t for t in trials if t.user_attrs.get("retry_of") == victim.number]
+    retry = [t for t in trials if victim.number in t.system_attrs.get("retry_history", [])]
     assert len(retry) == 1 and retry[0].state in FINISHED and retry[0].params == victim.params
-    assert f"trial {victim.number}: its worker is gone" in logs[1].read_text()
+    if where == "same-machine":  # the process check; another machine's trial is failed by Optuna's heartbeat
+        assert f"trial {victim.number}: its worker is gone" in logs[1].read_text()
     expected_owner = "other-machine" if where == "other-machine" else os.uname().nodename
     assert victim.user_attrs["owner"]["host"] == expected_owner
     marked_dead = failed[0].datetime_complete.timestamp() - killed_at
