@@ -557,3 +557,18 @@ def test_every_job_plans_the_full_trial_so_schedules_span_it_and_other_pruners_s
     run_sweep(fake_cfg(tmp_path, trials=1, pruner="halving"), fake_train, log=lambda line: None)
     with pytest.raises(ValueError, match="--pruner: halving, median or none -> promote"):
         run_sweep(fake_cfg(tmp_path, trials=1, pruner="promote"), fake_train, log=lambda line: None)
+
+
+def test_with_a_database_a_trial_no_worker_took_is_dead_once_stale_and_another_machines_is_optunas():
+    """A RUNNING trial without an owner was never taken (its worker died between creating and
+    taking it), so it has no heartbeat for Optuna to judge: its start decides."""
+    def running(age: float, owner: dict | None = None) -> optuna.trial.FrozenTrial:
+        return optuna.trial.FrozenTrial(
+            number=0, state=TrialState.RUNNING, value=None, datetime_start=datetime.fromtimestamp(time.time() - age),
+            datetime_complete=None, params={}, distributions={}, intermediate_values={}, trial_id=0,
+            system_attrs={}, user_attrs={"owner": owner} if owner else {})
+
+    assert _is_dead(running(100), stale_after=60, optuna_heartbeat=True)
+    assert not _is_dead(running(10), stale_after=60, optuna_heartbeat=True)
+    elsewhere = {"host": "elsewhere.invalid", "pid": 1, "started": "1"}
+    assert not _is_dead(running(100, elsewhere), stale_after=60, optuna_heartbeat=True)

@@ -93,11 +93,13 @@ def _owner() -> dict[str, Any]:
 def _is_dead(trial: FrozenTrial, stale_after: float, optuna_heartbeat: bool = False) -> bool:
     """A RUNNING trial whose worker is gone: its process, when it ran on this machine; else a
     heartbeat (or, before the first one, a start) older than ``stale_after`` seconds. With
-    ``optuna_heartbeat`` (a database storage) the trials of other machines are Optuna's to judge."""
+    ``optuna_heartbeat`` (a database storage) the trials of other machines are Optuna's to judge,
+    except one without an owner: no worker took it (its worker died between creating and taking
+    it, or a create retried after a lost reply made it twice), so it has no heartbeat either."""
     owner = trial.user_attrs.get("owner")
     if owner is not None and owner["host"] == socket.gethostname():
         return _process_start(owner["pid"]) != owner["started"]
-    if optuna_heartbeat and owner is not None:  # an ownerless trial was never taken: it has no heartbeat
+    if optuna_heartbeat and owner is not None:
         return False
     last = trial.user_attrs.get("heartbeat") or trial.datetime_start.timestamp()
     return time.time() - last > stale_after
