@@ -1,63 +1,255 @@
-"""Swap torch's dropout modules in any model for their dropkit twins, in place."""
+"""Swap the dropout modules of any model for their dropkit twins, in place, keeping behaviour.
+
+A swapped module behaves as the original on every input rank the original accepts: the same
+dimensions share a mask, the same scaling, the same ``inplace``, the same train/eval mode (the
+random draws themselves come from dropkit's generator). Swapped are torch's ``nn.Dropout``,
+``nn.Dropout1d/2d/3d``, ``nn.AlphaDropout`` and ``nn.FeatureAlphaDropout``, timm's ``DropPath``
+and torchvision's ``StochasticDepth`` (recognised by class, so neither package is imported here).
+
+Dropout that is not a module cannot be swapped: ``nn.MultiheadAttention``'s ``dropout`` (a float
+passed to its attention function), a model's own ``F.dropout`` calls, attention that passes
+``dropout_p`` to ``F.scaled_dot_product_attention``. :func:`unconverted` lists what a model holds
+of that kind (``convert`` logs it as a warning), and :func:`functional_dropout_calls` finds the
+functional calls a forward pass makes.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
+import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from dropkit import nn as dnn
 
+__all__ = ["TWINS", "DropoutCall", "Unconverted", "convert", "functional_dropout_calls", "fuse_relu_dropout",
+           "unconverted"]
+
 log = logging.getLogger(__name__)
 
-#: torch module type -> dropkit twin taking the same ``p``
-TWINS: dict[type[nn.Module], type[nn.Module]] = {
-    nn.Dropout: dnn.Dropout,
-    nn.Dropout1d: dnn.Dropout1d,
-    nn.Dropout2d: dnn.Dropout2d,
-    nn.Dropout3d: dnn.Dropout3d,
-    nn.AlphaDropout: dnn.AlphaDropout,
-    nn.FeatureAlphaDropout: dnn.FeatureAlphaDropout,
+
+def _twin(cls: type[dnn.DropoutLayer], **options) -> Callable[[nn.Module], nn.Module]:
+    return lambda m: cls(m.p, m.inplace, **options)
+
+
+#: torch module type -> builder of its dropkit twin (same ``p``, ``inplace`` and input ranks)
+TWINS: dict[type[nn.Module], Callable[[nn.Module], nn.Module]] = {
+    nn.Dropout: _twin(dnn.Dropout),
+    nn.Dropout1d: _twin(dnn.Dropout1d, torch_ranks=True),
+    nn.Dropout2d: _twin(dnn.Dropout2d, torch_ranks=True),
+    nn.Dropout3d: _twin(dnn.Dropout3d, torch_ranks=True),
+    nn.AlphaDropout: _twin(dnn.AlphaDropout),
+    nn.FeatureAlphaDropout: _twin(dnn.FeatureAlphaDropout),
 }
+
+#: (module, class name) of third-party classes -> builder of their dropkit twin
+_THIRD_PARTY: dict[tuple[str, str], Callable[[nn.Module], nn.Module]] = {
+    ("timm.layers.drop", "DropPath"): lambda m: dnn.DropPath(float(m.drop_prob), scale_by_keep=bool(m.scale_by_keep)),
+    ("timm.models.layers.drop", "DropPath"): lambda m: dnn.DropPath(float(m.drop_prob),
+                                                                    scale_by_keep=bool(m.scale_by_keep)),
+    ("torchvision.ops.stochastic_depth", "StochasticDepth"): lambda m: dnn.DropPath(float(m.p), mode=m.mode),
+}
+
+#: class-name fragments of modules that look like dropout
+_DROPOUT_NAMES = ("dropout", "droppath", "dropblock", "stochasticdepth", "dropconnect")
+
+
+def _builder(module: nn.Module) -> Callable[[nn.Module], nn.Module] | None:
+    cls = type(module)
+    return TWINS.get(cls) or _THIRD_PARTY.get((cls.__module__, cls.__name__))
+
+
+class Unconverted(NamedTuple):
+    """A piece of a model with dropout that :func:`convert` cannot swap."""
+
+    #: the module's name in ``model.named_modules()`` ("" for the model itself)
+    name: str
+    #: its class name
+    kind: str
+    #: what the dropout is and why it stays
+    reason: str
+
+
+def unconverted(model: nn.Module) -> list[Unconverted]:
+    """What of ``model``'s dropout :func:`convert` leaves to torch (or to another library).
+
+    Found by looking at the modules: ``nn.MultiheadAttention`` with ``dropout > 0`` (a float that
+    its attention function applies), modules that hold such a rate for
+    ``F.scaled_dot_product_attention`` (a float attribute ``dropout_p``, or a fused-attention
+    module whose ``attn_drop`` rate is passed to it), and modules whose class name says dropout
+    but which are neither dropkit's nor swappable. Dropout written as ``F.dropout`` in a
+    ``forward`` is code, not a module: :func:`functional_dropout_calls` finds it by running one pass.
+
+    Example:
+        >>> found = unconverted(nn.TransformerEncoderLayer(16, 2, dropout=0.1))
+        >>> [(u.name, u.kind) for u in found]
+        [('self_attn', 'MultiheadAttention')]
+    """
+    _check_model(model)
+    found = []
+    for name, module in model.named_modules():
+        cls = type(module)
+        if isinstance(module, nn.MultiheadAttention):
+            if module.dropout > 0:
+                found.append(Unconverted(name, cls.__name__, f"attention dropout p={module.dropout} is a float "
+                                         "argument of F.multi_head_attention_forward, not a module"))
+        elif isinstance(getattr(module, "dropout_p", None), float) and module.dropout_p > 0:
+            found.append(Unconverted(name, cls.__name__, f"dropout_p={module.dropout_p} is applied by a "
+                                     "functional call (e.g. F.scaled_dot_product_attention)"))
+        elif getattr(module, "fused_attn", False) and isinstance(getattr(module, "attn_drop", None), nn.Module) \
+                and getattr(module.attn_drop, "p", 0) > 0:
+            found.append(Unconverted(name, cls.__name__, f"fused attention passes attn_drop.p={module.attn_drop.p} "
+                                     "to F.scaled_dot_product_attention; the attn_drop module itself is not called"))
+        elif (any(part in cls.__name__.lower() for part in _DROPOUT_NAMES) and _builder(module) is None
+              and not cls.__module__.startswith("dropkit.")):
+            found.append(Unconverted(name, cls.__name__, f"{cls.__module__}.{cls.__qualname__} has no dropkit twin"))
+    return found
+
+
+def _check_model(model: nn.Module) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
 def convert(model: nn.Module, *, structured: bool = False, fuse: bool = False) -> int | nn.Module:
-    """Replace every torch dropout module inside ``model`` by its dropkit twin with the same ``p``.
+    """Replace every dropout module inside ``model`` by its dropkit twin, keeping its behaviour.
 
-    The replacement is in place: other modules, their weights and the train/eval mode are left
-    as they are. Returns how many modules were replaced (also logged). Dropout that a model calls
-    as a function (``F.dropout`` in ``forward``) is code, not a module, and is not touched.
+    The replacement is in place: other modules, their weights and the train/eval mode are left as
+    they are; each twin takes the original's rate, ``inplace`` and reading of input ranks (a
+    converted ``nn.Dropout2d`` reads a 3-D input as (N, C, L), as torch's does). Swapped: torch's
+    ``nn.Dropout``, ``nn.Dropout1d/2d/3d``, ``nn.AlphaDropout``, ``nn.FeatureAlphaDropout``, timm's
+    ``DropPath`` and torchvision's ``StochasticDepth`` (``mode="row"`` or ``"batch"``).
+
+    Returns how many modules were replaced (also logged). Dropout it cannot swap (attention
+    dropout, see :func:`unconverted`) is logged as a warning, one line per module.
 
     With ``structured=True``, ``nn.Sequential`` MLPs (``Linear -> activation -> Dropout ... ->
     Linear``) become :class:`dropkit.structured.StructuredLinearStack` modules sharing their weights,
     and the structured model is returned instead of a count (see :func:`dropkit.structured.to_structured`).
     With ``fuse=True``, the converted ``ReLU -> Dropout`` pairs are then fused (:func:`fuse_relu_dropout`).
 
+    Args:
+        model: the model to convert in place.
+        structured: build structured-dropout MLPs instead (returns the new model). Default: False.
+        fuse: fuse ``ReLU -> Dropout`` pairs after converting. Default: False.
+
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.3))
         >>> convert(net)
         1
+        >>> net[1]
+        Dropout(p=0.3)
     """
+    _check_model(model)
+    for value, name in ((structured, "structured"), (fuse, "fuse")):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
     if structured:
         from dropkit.structured import to_structured  # here, so numba loads only when it is used
 
         return to_structured(model)
-    if type(model) in TWINS:
+    if _builder(model) is not None:
         raise ValueError("model is itself a dropout module; convert the model that contains it")
     replaced = 0
     for parent in model.modules():
         for name, child in list(parent.named_children()):
-            twin = TWINS.get(type(child))
-            if twin is None:
+            builder = _builder(child)
+            if builder is None:
                 continue
-            new = twin(child.p)
+            new = builder(child)
             new.train(child.training)
             setattr(parent, name, new)
             replaced += 1
     log.info("dropkit.convert: replaced %d dropout module(s)", replaced)
+    for item in unconverted(model):
+        log.warning("dropkit.convert: not converted: %s (%s): %s", item.name or "<model>", item.kind, item.reason)
     if fuse:
         fuse_relu_dropout(model)
     return replaced
+
+
+class DropoutCall(NamedTuple):
+    """A functional dropout call seen by :func:`functional_dropout_calls`."""
+
+    #: name of the innermost module running when the call was made ("" for the model itself)
+    module: str
+    #: the function called, e.g. ``"dropout"`` or ``"scaled_dot_product_attention"``
+    function: str
+    #: its drop rate
+    p: float
+
+
+#: functions torch applies dropout in -> (name of the rate argument, its position, training's position)
+_FUNCTIONAL = {
+    torch.nn.functional.dropout: ("p", 1, 2),
+    torch.nn.functional.dropout1d: ("p", 1, 2),
+    torch.nn.functional.dropout2d: ("p", 1, 2),
+    torch.nn.functional.dropout3d: ("p", 1, 2),
+    torch.nn.functional.alpha_dropout: ("p", 1, 2),
+    torch.nn.functional.feature_alpha_dropout: ("p", 1, 2),
+    torch.nn.functional.scaled_dot_product_attention: ("dropout_p", 4, None),
+    torch.nn.functional.multi_head_attention_forward: ("dropout_p", 10, 13),
+}
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, stack: list[str]) -> None:
+        super().__init__()
+        self.stack, self.calls = stack, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        spec = _FUNCTIONAL.get(func)
+        if spec is not None:
+            rate_name, rate_pos, training_pos = spec
+            p = kwargs.get(rate_name, args[rate_pos] if len(args) > rate_pos else 0.0)
+            training = kwargs.get("training", args[training_pos] if training_pos is not None and
+                                  len(args) > training_pos else True)
+            if training and p:
+                self.calls.append(DropoutCall(self.stack[-1], func.__name__, float(p)))
+        return func(*args, **kwargs)
+
+
+def functional_dropout_calls(model: nn.Module, *args: Any, **kwargs: Any) -> list[DropoutCall]:
+    """Run ``model(*args, **kwargs)`` once in training mode, without gradients, and list the
+    functional dropout calls it makes: torch's ``F.dropout`` family, and
+    ``F.scaled_dot_product_attention`` / ``F.multi_head_attention_forward`` with a non-zero rate.
+    These stay torch's after :func:`convert`. The model's mode is restored afterwards.
+
+    Example:
+        >>> mha = nn.MultiheadAttention(8, 2, dropout=0.1)
+        >>> q = torch.randn(3, 1, 8)
+        >>> [(c.module, c.function) for c in functional_dropout_calls(mha, q, q, q)][:1]
+        [('', 'multi_head_attention_forward')]
+    """
+    _check_model(model)
+    stack = [""]
+    names = {module: name for name, module in model.named_modules()}
+    def enter(name: str) -> None:
+        stack.append(name)
+
+    def leave() -> None:
+        stack.pop()
+
+    hooks = []
+    for module, name in names.items():
+        hooks.append(module.register_forward_pre_hook(lambda m, a, name=name: enter(name)))
+        hooks.append(module.register_forward_hook(lambda m, a, o: leave(), always_call=True))
+    modes = {m: m.training for m in model.modules()}
+    recorder = _Recorder(stack)
+    try:
+        model.train()
+        with torch.no_grad(), recorder:
+            model(*args, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, mode in modes.items():
+            module.training = mode
+    return recorder.calls
 
 
 def fuse_relu_dropout(model: nn.Module) -> int:
@@ -75,6 +267,7 @@ def fuse_relu_dropout(model: nn.Module) -> int:
         >>> fuse_relu_dropout(net)
         1
     """
+    _check_model(model)
     fused = 0
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
         names = list(seq._modules)
@@ -82,7 +275,7 @@ def fuse_relu_dropout(model: nn.Module) -> int:
             relu, drop = seq._modules[relu_name], seq._modules[drop_name]
             if type(relu) is not nn.ReLU or type(drop) is not dnn.Dropout or drop.mask_shape is not None:
                 continue
-            layer = dnn.ReLUDropout(drop.p)
+            layer = dnn.ReLUDropout(drop.p, drop.inplace and relu.inplace)
             layer.seed, layer.generator = drop.seed, drop.generator
             layer.train(drop.training)
             seq._modules[relu_name] = nn.Identity()

@@ -35,9 +35,11 @@ reproduces the identical mask and gradients.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from dropkit import kernels
+from dropkit import kernels, rng
 from dropkit.kernels import reference
 
 #: SELU's negative saturation value (Klambauer et al. 2017), the value dropped units take
@@ -235,6 +237,8 @@ def _eager_kernel(x: torch.Tensor) -> bool:
 
 def keep_mask(seed: torch.Tensor, p: float, shape: tuple[int, ...]) -> torch.Tensor:
     """Boolean keep mask of ``shape``: element i is kept iff its draw >= the threshold (see dropkit.rng)."""
+    if transformed():
+        return _traced_keep_mask(seed, p, shape)
     return _keep_mask(seed, p, list(shape))
 
 
@@ -245,6 +249,8 @@ def alpha_dropout_affine(p: float) -> tuple[float, float]:
 
 def gaussian_noise(seed: torch.Tensor, p: float, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Multiplicative noise ~ N(1, p/(1-p)) of ``shape`` (Srivastava et al. 2014, section 10)."""
+    if transformed():
+        return _traced_gaussian_noise(seed, p, shape, dtype)
     return _gaussian_noise(seed, p, list(shape), dtype)
 
 
@@ -259,6 +265,8 @@ def dropout(
 def relu_dropout(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     """``dropout(relu(x))`` in one pass with an element-wise mask (0 < p < 1); the same mask and
     values as :func:`dropout` of ``relu(x)`` with this seed. Backward keeps only the output."""
+    if transformed():
+        return reference.masked(x, _traced_keep_mask(seed, p, tuple(x.shape)).to(x.device), "relu_dropout", p)
     if _eager_kernel(x):
         return _EagerReluDropout.apply(x, int(seed), p)
     return _relu_dropout(x, seed, p)
@@ -278,6 +286,9 @@ def gaussian_dropout(
     """Gaussian dropout of ``x`` with noise of ``mask_shape`` (0 < p < 1); only ``saved="seed"``."""
     if saved != "seed":
         raise ValueError(f"gaussian_dropout keeps only the seed for backward (saved='seed'), got saved={saved!r}")
+    if transformed():
+        noise = _traced_gaussian_noise(seed, p, tuple(mask_shape), x.dtype).to(x.device)
+        return (x.to(noise.dtype) * noise).to(x.dtype)
     if tuple(mask_shape) == tuple(x.shape):
         return _gaussian(x, seed, p)
     noise = _gaussian_noise(seed, p, list(mask_shape), reference.opmath_dtype(x.dtype)).to(x.device)
@@ -290,6 +301,8 @@ def _mask_op(kind: str, x: torch.Tensor, p: float, seed: torch.Tensor, mask_shap
     applied by ``torch.where``."""
     if saved not in SAVED_MODES:
         raise ValueError(f"saved must be one of {SAVED_MODES}, got {saved!r}")
+    if transformed():
+        return reference.masked(x, _traced_keep_mask(seed, p, mask_shape).to(x.device), kind, p)
     if tuple(mask_shape) != tuple(x.shape):
         return reference.masked(x, keep_mask(seed, p, mask_shape).to(x.device), kind, p)
     save_bits = saved == "bits" and torch.is_grad_enabled() and x.requires_grad
@@ -298,3 +311,28 @@ def _mask_op(kind: str, x: torch.Tensor, p: float, seed: torch.Tensor, mask_shap
     if save_bits:
         return _masked_save_bits(x, seed, p, kind)[0]
     return _masked(x, seed, p, kind)
+
+
+# --- under torch.func transforms -----------------------------------------------------------------
+
+def transformed() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ...) is running.
+
+    The kernels and custom ops need the seed as a Python int, which a transform cannot give (under
+    ``vmap(randomness="different")`` each sample has its own seed). Inside a transform the masks
+    are computed from the seed tensor by :mod:`dropkit.rng`'s plain-torch Philox, the reference
+    the kernels are tested against, so a transformed op draws the very masks the kernels draw.
+    """
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _traced_keep_mask(seed: torch.Tensor, p: float, shape: tuple[int, ...]) -> torch.Tensor:
+    """:func:`keep_mask` from a seed tensor (batched under ``vmap``), in plain torch ops."""
+    width, thr = rng.keep_threshold(p)
+    return (rng.uniform(seed, 0, math.prod(shape), width, seed.device) >= thr).reshape(shape)
+
+
+def _traced_gaussian_noise(seed: torch.Tensor, p: float, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """:func:`gaussian_noise` from a seed tensor, in plain torch ops (see :func:`transformed`)."""
+    z = rng.normal(seed, 0, math.prod(shape), seed.device).reshape(shape)
+    return (1.0 + math.sqrt(p / (1.0 - p)) * z).to(reference.opmath_dtype(dtype))

@@ -42,6 +42,10 @@ import hashlib
 
 import torch
 
+__all__ = ["DRAW_WIDTHS", "RATE_BITS", "SEED_BOUND", "check_seed", "derive_seed", "draw_seed", "keep_threshold",
+           "manual_seed", "normal", "philox4x32", "philox4x32_block", "rate_bits", "resolve_seed", "set_rate_bits",
+           "threshold", "uniform"]
+
 MASK32 = 0xFFFFFFFF
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
@@ -66,6 +70,7 @@ def manual_seed(seed: int, rank: int = 0) -> None:
     (see :func:`derive_seed`); rank 0 uses ``seed`` itself.
     """
     check_seed(seed)
+    check_seed(rank, "rank")
     torch.manual_seed(derive_seed(seed, rank) if rank else seed)
 
 
@@ -83,6 +88,8 @@ def draw_seed(generator: torch.Generator | None = None) -> torch.Tensor:
 
 def resolve_seed(seed: int | None, generator: torch.Generator | None) -> torch.Tensor:
     """The seed an op uses: ``seed`` if given (same seed, same mask), else a fresh draw."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if seed is not None and generator is not None:
         raise ValueError("pass either seed or generator, not both")
     if seed is None:
@@ -91,9 +98,12 @@ def resolve_seed(seed: int | None, generator: torch.Generator | None) -> torch.T
     return torch.tensor(seed, dtype=torch.int64)
 
 
-def check_seed(seed: int) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_BOUND:
-        raise ValueError(f"seed must be an int in [0, 2**63 - 1], got {seed!r}")
+def check_seed(seed: int, name: str = "seed") -> None:
+    """Validate a seed: an int (not a bool) in [0, 2**63 - 1]."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{name} must be an int in [0, 2**63 - 1], got {type(seed).__name__} {seed!r}")
+    if not 0 <= seed <= SEED_BOUND:
+        raise ValueError(f"{name} must be an int in [0, 2**63 - 1], got {seed!r}")
 
 
 def set_rate_bits(bits: int) -> int:
@@ -107,6 +117,8 @@ def set_rate_bits(bits: int) -> int:
     mask: set it once, before training, not between a forward and its backward.
     """
     global _rate_bits
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(f"bits must be an int, one of {', '.join(map(str, RATE_BITS))}, got {type(bits).__name__} {bits!r}")
     if bits not in RATE_BITS:
         raise ValueError(f"bits must be one of {', '.join(map(str, RATE_BITS))}, got {bits!r}")
     previous, _rate_bits = _rate_bits, bits
