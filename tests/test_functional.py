@@ -281,9 +281,16 @@ def test_mask_shape_that_does_not_broadcast_is_rejected():
         DF.dropout(torch.ones(2, 4), 0.5, training=True, mask_shape=(2,))
 
 
-def test_block_size_larger_than_feature_map_is_rejected():
-    with pytest.raises(ValueError, match=r"block_size must be an int in \[1, min\(H, W\) = 5\]"):
-        DF.drop_block2d(torch.ones(1, 1, 5, 8), 0.1, 6, training=True)
+def test_block_larger_than_feature_map_is_clipped_to_it():
+    x = torch.ones(64, 1, 5, 8)
+    y = DF.drop_block2d(x, 0.3, 6, training=True, seed=3)
+    # a 5x6 block fits at 3 places per row: every dropped pixel lies in one fully dropped 5x6 block
+    dropped = (y == 0).float()
+    assert 0 < int(dropped.sum()) < x.numel()
+    corners = (torch.nn.functional.avg_pool2d(dropped, (5, 6), stride=1) == 1).float()
+    full = torch.nn.functional.max_pool2d(torch.nn.functional.pad(corners, (5, 5, 4, 4)), (5, 6), stride=1)
+    assert torch.equal(full * dropped, dropped)
+    assert DF.drop_block2d(x, 0.3, 50, training=False) is x
 
 
 def test_bad_seed_is_rejected():

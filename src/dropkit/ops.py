@@ -39,7 +39,7 @@ import math
 
 import torch
 
-from dropkit import kernels, rng
+from dropkit import _compiled_ops, kernels, rng
 from dropkit.kernels import reference
 
 #: SELU's negative saturation value (Klambauer et al. 2017), the value dropped units take
@@ -239,6 +239,8 @@ def keep_mask(seed: torch.Tensor, p: float, shape: tuple[int, ...]) -> torch.Ten
     """Boolean keep mask of ``shape``: element i is kept iff its draw >= the threshold (see dropkit.rng)."""
     if transformed():
         return _traced_keep_mask(seed, p, shape)
+    if _compiled_ops.wanted(seed):
+        return _compiled_ops.keep_mask(seed, p, shape)
     return _keep_mask(seed, p, list(shape))
 
 
@@ -267,6 +269,8 @@ def relu_dropout(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     values as :func:`dropout` of ``relu(x)`` with this seed. Backward keeps only the output."""
     if transformed():
         return reference.masked(x, _traced_keep_mask(seed, p, tuple(x.shape)).to(x.device), "relu_dropout", p)
+    if _compiled_ops.wanted(x):
+        return _compiled_ops.relu_dropout(x, p, seed)
     if _eager_kernel(x):
         return _EagerReluDropout.apply(x, int(seed), p)
     return _relu_dropout(x, seed, p)
@@ -289,6 +293,8 @@ def gaussian_dropout(
     if transformed():
         noise = _traced_gaussian_noise(seed, p, tuple(mask_shape), x.dtype).to(x.device)
         return (x.to(noise.dtype) * noise).to(x.dtype)
+    if _compiled_ops.wanted(x):
+        return _compiled_ops.gaussian_dropout(x, p, seed, mask_shape)
     if tuple(mask_shape) == tuple(x.shape):
         return _gaussian(x, seed, p)
     noise = _gaussian_noise(seed, p, list(mask_shape), reference.opmath_dtype(x.dtype)).to(x.device)
@@ -303,6 +309,8 @@ def _mask_op(kind: str, x: torch.Tensor, p: float, seed: torch.Tensor, mask_shap
         raise ValueError(f"saved must be one of {SAVED_MODES}, got {saved!r}")
     if transformed():
         return reference.masked(x, _traced_keep_mask(seed, p, mask_shape).to(x.device), kind, p)
+    if _compiled_ops.wanted(x) and saved == "seed":
+        return _compiled_ops.masked(kind, x, p, seed, mask_shape)
     if tuple(mask_shape) != tuple(x.shape):
         return reference.masked(x, keep_mask(seed, p, mask_shape).to(x.device), kind, p)
     save_bits = saved == "bits" and torch.is_grad_enabled() and x.requires_grad
@@ -322,8 +330,9 @@ def transformed() -> bool:
     ``vmap(randomness="different")`` each sample has its own seed). Inside a transform the masks
     are computed from the seed tensor by :mod:`dropkit.rng`'s plain-torch Philox, the reference
     the kernels are tested against, so a transformed op draws the very masks the kernels draw.
+    A ``torch.compile`` trace (which runs on functorch's machinery itself) takes the custom ops.
     """
-    return torch._C._functorch.peek_interpreter_stack() is not None
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def _traced_keep_mask(seed: torch.Tensor, p: float, shape: tuple[int, ...]) -> torch.Tensor:
