@@ -270,7 +270,7 @@ def relu_dropout(
     with the same seed, in one pass forward and one backward, keeping only the output for backward.
 
     In eval mode (or at p=0) it is ``torch.relu(x)``. :func:`dropkit.convert.fuse_relu_dropout`
-    puts it in place of ``ReLU -> Dropout`` pairs of a model.
+    puts it in place of ``ReLU -> Dropout`` pairs of a model (dropout: Srivastava et al. 2014).
 
     Args:
         x: input, any shape.

@@ -24,13 +24,24 @@ from torch import nn
 from dropkit.convert import TWINS
 from dropkit.nn import DropoutLayer
 
+__all__ = ["DROPOUT_TYPES", "ClassUncertainty", "dropout_active", "mc_classify", "mc_regress", "mc_samples"]
+
 #: module types that MC dropout switches on: dropkit's layers and torch's own dropout modules
 DROPOUT_TYPES: tuple[type[nn.Module], ...] = (DropoutLayer, *TWINS)
 
 
 @contextmanager
 def dropout_active(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode with only its dropout layers in training mode; restore on exit."""
+    """Put ``model`` in eval mode with only its dropout layers in training mode; restore on exit.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 4), dnn.Dropout(0.5))
+        >>> with dropout_active(net):
+        ...     net[1].training, net[0].training
+        (True, False)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     modes = {module: module.training for module in model.modules()}
     model.eval()
     layers = [m for m in model.modules() if isinstance(m, DROPOUT_TYPES)]
@@ -47,8 +58,16 @@ def dropout_active(model: nn.Module) -> Iterator[nn.Module]:
 
 @torch.no_grad()
 def mc_samples(model: nn.Module, x: torch.Tensor, samples: int = 30) -> torch.Tensor:
-    """``samples`` stochastic forward passes of ``model`` on ``x``, stacked: (samples, *output)."""
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+    """``samples`` stochastic forward passes of ``model`` on ``x``, stacked: (samples, *output).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 4), dnn.Dropout(0.5))
+        >>> mc_samples(net, torch.randn(2, 4), samples=5).shape
+        torch.Size([5, 2, 4])
+    """
+    if isinstance(samples, bool) or not isinstance(samples, int):
+        raise TypeError(f"samples must be an int >= 1, got {type(samples).__name__} {samples!r}")
+    if samples < 1:
         raise ValueError(f"samples must be an int >= 1, got {samples!r}")
     with dropout_active(model):
         return torch.stack([model(x) for _ in range(samples)])
@@ -79,8 +98,11 @@ def mc_classify(model: nn.Module, x: torch.Tensor, samples: int = 30) -> ClassUn
     """Mean prediction and its uncertainty split for a model that outputs class logits.
 
     Example:
-        >>> out = mc_classify(model, images, samples=50)
+        >>> net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), dnn.Dropout(0.5), nn.Linear(16, 3))
+        >>> out = mc_classify(net, torch.randn(4, 8), samples=50)
         >>> flagged = out.epistemic > 0.2   # inputs the model has not learned to handle
+        >>> out.probs.shape, flagged.shape
+        (torch.Size([4, 3]), torch.Size([4]))
     """
     probs = mc_samples(model, x, samples).softmax(-1)
     mean = probs.mean(0)

@@ -42,6 +42,8 @@ import torch
 from dropkit import _compiled_ops, kernels, rng
 from dropkit.kernels import reference
 
+__all__ = ["SAVED_MODES", "SELU_SATURATION", "alpha_dropout", "alpha_dropout_affine", "dropout", "gaussian_dropout", "gaussian_noise", "keep_mask", "relu_dropout", "transformed"]
+
 #: SELU's negative saturation value (Klambauer et al. 2017), the value dropped units take
 SELU_SATURATION = reference.SELU_SATURATION
 

@@ -51,7 +51,7 @@ sets (or random blocks of ``block_size`` contiguous units) with several independ
 Example:
     >>> net = StructuredLinearStack([784, 1024, 1024, 10], p=0.5, groups=4)
     >>> logits = net(torch.randn(128, 784))        # training: kept slices only
-    >>> net.eval(); logits = net(torch.randn(8, 784))  # eval: every weight
+    >>> _ = net.eval(); logits = net(torch.randn(8, 784))  # eval: every weight
 """
 
 from __future__ import annotations

@@ -46,6 +46,8 @@ import torch
 
 from dropkit import rng
 
+__all__ = ["KINDS", "SELU_SATURATION", "alpha_affine", "gaussian", "gaussian_multiplier", "keep_mask", "kind_constants", "masked", "masked_from_seed", "opmath_dtype", "pack_bits", "relu_dropout_grad", "unpack_bits"]
+
 #: SELU's negative saturation value, -lambda * alpha (Klambauer et al., "Self-Normalizing Neural
 #: Networks", NIPS 2017): the value alpha dropout gives dropped units before its affine map.
 SELU_SATURATION = -1.7580993408473766

@@ -31,6 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     step.add_argument("--p", type=OPEN_RATE, default=0.5)
     step.add_argument("--repeats", type=int_at_least(1), default=15, help="samples per figure; the median is kept")
     step.add_argument("--out", help="also write the JSON to this file")
+    step.add_argument("--compile", action="store_true", help="run every model under torch.compile (fullgraph)")
     _add_rate_bits(step)
     step.set_defaults(func=run_step)
     bench_structured.add_arguments(which.add_parser("structured", help=bench_structured.HELP,
@@ -52,4 +53,4 @@ def run_kernels(args: argparse.Namespace) -> int:
 
 def run_step(args: argparse.Namespace) -> int:
     rng.set_rate_bits(args.rate_bits)
-    return bench.emit_json(bench.bench_step(args.batch, args.p, args.repeats), args.out)
+    return bench.emit_json(bench.bench_step(args.batch, args.p, args.repeats, args.compile), args.out)
