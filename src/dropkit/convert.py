@@ -42,7 +42,7 @@ TWINS: dict[type[nn.Module], Callable[[nn.Module], nn.Module]] = {
     nn.Dropout2d: _twin(dnn.Dropout2d, torch_ranks=True),
     nn.Dropout3d: _twin(dnn.Dropout3d, torch_ranks=True),
     nn.AlphaDropout: _twin(dnn.AlphaDropout),
-    nn.FeatureAlphaDropout: _twin(dnn.FeatureAlphaDropout),
+    nn.FeatureAlphaDropout: _twin(dnn.FeatureAlphaDropout, torch_ranks=True),
 }
 
 #: (module, class name) of third-party classes -> builder of their dropkit twin

@@ -322,6 +322,8 @@ class FeatureAlphaDropout(DropoutLayer):
         p: probability of a channel to be dropped. Default: 0.5.
         inplace: do the operation in place. Default: False.
         seed: seeds this layer's own generator.
+        torch_ranks: check the rank only where a mask is drawn, as torch's ``nn.FeatureAlphaDropout``
+            does (in eval mode it takes any input; what :func:`dropkit.convert` uses). Default: False.
 
     Shape:
         - Input: :math:`(N, C, *)`. Output: same shape as the input.
@@ -332,8 +334,19 @@ class FeatureAlphaDropout(DropoutLayer):
         torch.Size([20, 16, 4, 4])
     """
 
+    def __init__(self, p: float = 0.5, inplace: bool = False, *, seed: int | None = None,
+                 torch_ranks: bool = False) -> None:
+        super().__init__(p, inplace, seed=seed)
+        self.torch_ranks = _check_bool(torch_ranks, "torch_ranks")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.torch_ranks and not (self.training and self.p > 0.0):
+            return DF.alpha_dropout(x, self.p, self.training, self.inplace)
         return DF.feature_alpha_dropout(x, self.p, self.training, self.inplace, generator=self.generator)
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return f"{text}, torch_ranks=True" if self.torch_ranks else text
 
 
 class GaussianDropout(_MaskShapeLayer):
