@@ -95,9 +95,19 @@ class ConcreteDropout(nn.Module):
                  temperature: float = 0.1, weight_regularizer: float, dropout_regularizer: float,
                  p_bounds: tuple[float, float] = (1e-3, 0.999), seed: int | None = None) -> None:
         super().__init__()
+        if isinstance(in_features, (str, bytes)) or not isinstance(in_features, (int, Sequence)):
+            raise TypeError(f"in_features must be a positive int or a shape of them, got {in_features!r}")
         shape = (in_features,) if isinstance(in_features, int) else tuple(in_features)
         if not shape or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
             raise ValueError(f"in_features must be a positive int or a shape of them, got {in_features!r}")
+        if layer is not None and not isinstance(layer, nn.Module):
+            raise TypeError(f"layer must be an nn.Module or None, got {type(layer).__name__}")
+        for name, value in (("temperature", temperature), ("weight_regularizer", weight_regularizer),
+                            ("dropout_regularizer", dropout_regularizer)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+        if isinstance(p_bounds, (str, bytes)) or not isinstance(p_bounds, Sequence) or len(p_bounds) != 2:
+            raise TypeError(f"p_bounds must be a pair (p_min, p_max), got {p_bounds!r}")
         p_min, p_max = (check_p(b, "p_bounds") for b in p_bounds)
         if not 0.0 < p_min < p_max < 1.0:
             raise ValueError(f"p_bounds must satisfy 0 < p_min < p_max < 1, got {p_bounds}")

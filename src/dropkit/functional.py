@@ -39,6 +39,7 @@ Conventions shared by every op:
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -87,9 +88,9 @@ REQUIRED: Any = _Required()
 # --- argument checks --------------------------------------------------------------------------------
 
 def check_p(p: float, name: str = "p") -> float:
-    """Validate a drop probability: a real number in [0, 1] (not a bool, not a string); returns it
-    as a float. Also works on the symbolic floats of a ``torch.compile`` trace."""
-    if isinstance(p, bool) or not isinstance(p, (int, float, torch.SymFloat)):
+    """Validate a drop probability: a real number in [0, 1] (not a bool, not a string, not a
+    tensor); returns it as a float. Also works on the symbolic floats of a ``torch.compile`` trace."""
+    if isinstance(p, bool) or not isinstance(p, (numbers.Real, torch.SymFloat)):
         raise TypeError(f"{name} must be a float in [0, 1], got {type(p).__name__} {p!r}")
     if not 0.0 <= p <= 1.0:  # NaN fails both comparisons
         raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
@@ -343,7 +344,7 @@ def channel_dropout(
     """
     _check_input(x)
     _check_training(training, f"dropout{spatial_dims}d" if spatial_dims in (1, 2, 3) else "channel_dropout")
-    if isinstance(spatial_dims, bool) or spatial_dims not in (1, 2, 3):
+    if isinstance(spatial_dims, bool) or not isinstance(spatial_dims, int) or spatial_dims not in (1, 2, 3):
         raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
     shape = _channel_mask_shape(x, spatial_dims, f"dropout{spatial_dims}d")
     return dropout(x, p, training, inplace, mask_shape=shape, seed=seed, generator=generator)

@@ -83,6 +83,8 @@ def derive_seed(seed: int, *streams: int) -> int:
 
 def draw_seed(generator: torch.Generator | None = None) -> torch.Tensor:
     """A fresh 63-bit seed as a 0-dim int64 tensor, drawn from ``generator`` or torch's global one."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     return torch.randint(0, SEED_BOUND, (), generator=generator, dtype=torch.int64)
 
 

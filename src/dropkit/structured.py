@@ -148,6 +148,11 @@ class KeptUnits:
 
 def kept_count(width: int, p: float, block_size: int = 1) -> int:
     """Blocks kept out of ``width / block_size`` at drop rate ``p``: ``round((1 - p) * n_blocks)``."""
+    for name, value in (("width", width), ("block_size", block_size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    if width < 1:
+        raise ValueError(f"width must be a positive int, got {width}")
     if block_size < 1 or width % block_size:
         raise ValueError(f"block_size must be a positive divisor of the width {width}, got {block_size}")
     n_blocks = width // block_size
