@@ -23,6 +23,8 @@ from dropkit import nn as dnn
 dropkit.manual_seed(0)
 y = dnn.Dropout(0.5)(torch.ones(64, 64))
 assert set(y.unique().tolist()) == {0.0, 2.0}, y.unique()
+import importlib.resources
+assert importlib.resources.files("dropkit").joinpath("py.typed").is_file(), "py.typed is not installed"
 try:
     import dropkit.lab
 except ImportError as err:
