@@ -115,6 +115,20 @@ def step_table(result: dict) -> str:
     return _table(["dropout", "step ms", "over no dropout"], rows)
 
 
+def compiled_step_table(groups_of_files: list[list[dict]]) -> str:
+    """One row per ``bench step`` run: compiled or eager, threads, load, the step without dropout and
+    each dropout's ratio to it."""
+    names = ["torch", "dropkit_seed", "dropkit_fused"]
+    rows = []
+    for (data,) in groups_of_files:
+        env = data["environment"]
+        rows.append(["compiled" if data.get("compiled") else "eager", str(env["threads"]),
+                     str(env["load_average_1min"]), f"{data['ms']['none']:.1f}",
+                     *(f"{data['over_no_dropout'][n]:.3f}" for n in names)])
+    return _table(["run", "threads", "load", "no dropout ms", "torch.nn.Dropout", "dropkit Dropout",
+                   "dropkit ReLUDropout (fused)"], rows)
+
+
 def _spread(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
@@ -312,6 +326,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "kernels_cpu": _single(["kernels_cpu.json"], kernels_table),
     "kernels_cpu_rate_bits": _single(["kernels_cpu_rate_bits_8_vs_16.json"], rate_bits_table),
     "step_mlp_cpu": _single(["step_mlp_cpu.json"], step_table),
+    "step_mlp_cpu_compiled": _grouped([["step_mlp_cpu_compiled_2threads.json"], ["step_mlp_cpu_compiled_1thread.json"],
+                                       ["step_mlp_cpu_eager_1thread_beside_compiled.json"]], compiled_step_table),
     "structured_step": _single(["structured_step_grid.json"], structured_step_table),
     "structured_accuracy": _grouped([
         ["structured_accuracy_p05_mnist_8ep.json"], ["structured_accuracy_p05_fashion_8ep.json"],
