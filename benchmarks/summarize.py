@@ -326,7 +326,9 @@ TABLES: dict[str, Callable[[], str]] = {
     "kernels_cpu": _single(["kernels_cpu.json"], kernels_table),
     "kernels_cpu_rate_bits": _single(["kernels_cpu_rate_bits_8_vs_16.json"], rate_bits_table),
     "step_mlp_cpu": _single(["step_mlp_cpu.json"], step_table),
-    "step_mlp_cpu_compiled": _grouped([["step_mlp_cpu_compiled_2threads.json"], ["step_mlp_cpu_compiled_1thread.json"],
+    "step_mlp_cpu_compiled": _grouped([["step_mlp_cpu_compiled_2threads.json"],
+                                       ["step_mlp_cpu_compiled_2threads_second_run.json"],
+                                       ["step_mlp_cpu_compiled_1thread.json"],
                                        ["step_mlp_cpu_eager_1thread_beside_compiled.json"]], compiled_step_table),
     "structured_step": _single(["structured_step_grid.json"], structured_step_table),
     "structured_accuracy": _grouped([
