@@ -1,8 +1,11 @@
-"""``dropkit compare``: one model, data and seed under several settings, and a report of what changed."""
+"""``dropkit compare``: one model and data under several settings, each with several seeds, and a
+report that states a difference only where it exceeds the noise between seeds."""
 
 from __future__ import annotations
 
 import argparse
+
+from dropkit import kernels
 
 from dropkit.lab.commands.options import add_run_options, config_from_args, float_in, int_at_least
 from dropkit.lab.compare import REGULARISERS, p_settings, reg_settings, run_settings, summarise
@@ -21,7 +24,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dropout-p", type=float, default=0.5, help="main rate of the --reg dropout settings")
     parser.add_argument("--l2", type=float, default=5e-4, help="weight decay of the --reg l2 setting")
     parser.add_argument("--max-norm-c", type=float, default=3.0, help="max-norm bound of the --reg maxnorm settings")
-    parser.add_argument("--out", default="runs/compare", help="folder for the runs and report.html/report.json")
+    parser.add_argument("--seeds", type=int_at_least(1), default=3,
+                        help="runs per setting, with seeds --seed, --seed + 1, ...; the report gives mean and spread "
+                             "and calls a difference real only beyond that spread (default %(default)s)")
+    parser.add_argument("--out", default="runs/compare",
+                        help="folder for the runs (OUT/<setting>/seed=<seed>/) and report.html, report.json "
+                             "(default %(default)s)")
+    parser.add_argument("--quiet", action="store_true", help="no line per epoch while the runs train")
     parser.add_argument("--resume", action="store_true", help="continue a killed comparison from its checkpoints")
     parser.add_argument("--nproc", type=int_at_least(1), default=1,
                         help="data-parallel worker processes per run (torch.distributed, gloo on CPU)")
@@ -35,11 +44,17 @@ def run(args: argparse.Namespace) -> int:
         settings = p_settings(args.p)
     else:
         settings = reg_settings(args.model, args.reg, p=args.dropout_p, l2=args.l2, max_norm=args.max_norm_c)
-    print(f"dropkit compare: {len(settings)} settings x {base.epochs} epochs of {base.model} on {base.dataset}")
-    runs = run_settings(base, settings, args.out, resume=args.resume, nproc=args.nproc)
+    print(f"dropkit compare: {len(settings)} settings x {args.seeds} seeds x {base.epochs} epochs of {base.model} "
+          f"on {base.dataset}", flush=True)
+    warmup = kernels.warmup()
+    print(f"kernel warm-up: {warmup:.2f} s (compiled or loaded from the cache; outside every epoch's time)",
+          flush=True)
+    runs = run_settings(base, settings, args.out, seeds=args.seeds, resume=args.resume, nproc=args.nproc,
+                        progress=not args.quiet)
     summary = summarise(runs)
     context = {"model": base.model, "dataset": base.dataset, "epochs": base.epochs, "optimizer": base.optimizer,
-               "lr": base.lr, "batch_size": base.batch_size, "seed": base.seed}
+               "lr": base.lr, "batch_size": base.batch_size, "seeds": f"{base.seed}-{base.seed + args.seeds - 1}",
+               "warmup_seconds": round(warmup, 3)}
     json_path, html_path = write_report(args.out, f"dropkit compare: {base.model} on {base.dataset}", runs,
                                         summary, context)
     print(format_table(summary))
@@ -49,14 +64,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _figure(row: dict, key: str, fmt: str = "{:.2f}", scale: float = 100) -> str:
+    """A figure with its spread over seeds (``97.12±0.08``), or ``-`` when there is none."""
+    if row[key] is None:
+        return "-"
+    spread = row.get(f"{key}_spread")
+    return fmt.format(scale * row[key]) + ("" if spread is None else "±" + f"{scale * spread:.2f}")
+
+
 def format_table(summary: dict) -> str:
-    """The per-setting figures as an aligned text table."""
-    header = (f"{'setting':<18}{'train acc':>10}{'train eval':>11}{'val acc':>9}{'test acc':>10}{'gap':>8}"
-              f"{'s/epoch':>9}{'saved MiB':>11}")
+    """The per-setting figures as an aligned text table: means over seeds, ± one spread; time per
+    epoch is the median of the epochs after each run's first."""
+    header = (f"{'setting':<14}{'train acc':>13}{'train eval':>13}{'val acc':>13}{'test acc':>13}{'gap':>13}"
+              f"{'s/epoch':>13}{'first s':>9}{'saved MiB':>10}")
     lines = [header, "-" * len(header)]
     for row in summary["settings"]:
-        val = f"{100 * row['val_acc']:.2f}" if row["val_acc"] is not None else "-"
-        lines.append(f"{row['label']:<18}{100 * row['train_acc']:>10.2f}{100 * row['train_eval_acc']:>11.2f}"
-                     f"{val:>9}{100 * row['test_acc']:>10.2f}"
-                     f"{100 * row['gap']:>+8.2f}{row['seconds_per_epoch']:>9.2f}{row['saved_mib']:>11.2f}")
+        lines.append(f"{row['label']:<14}{_figure(row, 'train_acc'):>13}{_figure(row, 'train_eval_acc'):>13}"
+                     f"{_figure(row, 'val_acc'):>13}{_figure(row, 'test_acc'):>13}"
+                     f"{_figure(row, 'gap', '{:+.2f}'):>13}{_figure(row, 'seconds_per_epoch', '{:.3f}', 1):>13}"
+                     f"{row['first_epoch_seconds']:>9.2f}{row['saved_mib']:>10.2f}")
     return "\n".join(lines)

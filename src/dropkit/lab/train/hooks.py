@@ -37,7 +37,9 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["Callback", "CallbackList"]
+from dropkit.lab import distributed
+
+__all__ = ["Callback", "CallbackList", "EpochLines"]
 
 HOOKS = ("on_train_begin", "on_step_begin", "on_step_end", "on_epoch_end", "on_checkpoint", "on_train_end")
 
@@ -97,3 +99,24 @@ class CallbackList:
     @property
     def stop_requested(self) -> bool:
         return any(getattr(cb, "stop_requested", False) for cb in self.callbacks)
+
+
+class EpochLines(Callback):
+    """Prints one line per finished epoch (validation and test accuracy, seconds), flushed, on
+    rank 0: progress that shows in a log file or a pipe, where a progress bar does not.
+
+    Args:
+        prefix: what each line starts with, e.g. the run's name.
+        epochs: the run's length, shown as ``epoch 3/10`` (None: just the epoch).
+    """
+
+    def __init__(self, prefix: str, epochs: int | None = None) -> None:
+        self.prefix, self.epochs = prefix, epochs
+
+    def on_epoch_end(self, model: nn.Module, epoch: int, row: dict[str, Any]) -> None:
+        if not distributed.is_main():
+            return
+        val = "-" if row["val_acc"] is None else f"{100 * row['val_acc']:.2f}%"
+        total = f"/{self.epochs}" if self.epochs is not None else ""
+        print(f"{self.prefix}: epoch {row['epoch']}{total}  val acc {val}  test acc {100 * row['test_acc']:.2f}%  "
+              f"{row['seconds']:.2f} s", flush=True)
