@@ -352,6 +352,18 @@ def test_cli_passes_model_arguments_and_resumes(tmp_path, capsys):
     assert [row["epoch"] for row in iter_metrics(tmp_path / "p=0.5")] == [1, 2]
 
 
+def test_cli_seeds_train_each_rate_with_each_seed_and_show_mean_and_spread(tmp_path, capsys):
+    loud = [arg for arg in CLI_SMALL if arg != "--quiet"]
+    assert main(["train", "--p", "0.5", "--seeds", "2", *loud, "--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert re.search(r"kernel warm-up: \d+\.\d\d s", captured.err)
+    runs = [list(iter_metrics(tmp_path / "p=0.5" / f"seed={seed}")) for seed in (0, 1)]
+    assert figures(runs[0]) != figures(runs[1])
+    (line,) = [line for line in captured.out.splitlines() if line.split()[:1] == ["0.5"]]
+    mean = (runs[0][-1]["test_acc"] + runs[1][-1]["test_acc"]) / 2
+    assert f"{100 * mean:.2f}%±" in line and "seeds 0-1 (mean ± spread)" in captured.out
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -3,20 +3,28 @@
     dropkit train --model tutorial_mlp --p 0 0.5 --epochs 10 --out runs/demo
 
 Each ``--p`` value is one run with the same seed, data and settings; the table at the end shows
-what the rate changed. With ``--out DIR`` each run writes its metrics, config, result and
-checkpoint to ``DIR/p=<p>/`` and the table's figures go to ``DIR/summary.json``.
+what the rate changed. ``--seeds N`` trains each rate with N seeds (``--seed``, ``--seed + 1``,
+...) and the table shows each figure's mean and spread over them. Time per epoch is the median of
+the epochs after each run's first; the kernels are warmed up before any run, and that time is
+printed on its own line. With ``--out DIR`` each run writes its metrics, config, result and
+checkpoint to ``DIR/p=<p>/`` (``DIR/p=<p>/seed=<seed>/`` with several seeds) and the table's
+figures go to ``DIR/summary.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import statistics
 import sys
 from pathlib import Path
 
+from dropkit import kernels
 from dropkit.lab import distributed
 from dropkit.lab.commands.options import add_run_options, config_from_args, float_in, int_at_least
 from dropkit.lab.models import main_rate
+from dropkit.lab.stats import estimate, steady_epoch_seconds
 from dropkit.lab.train import DROP_SCHEDULES, TrainConfig, train
 
 
@@ -46,6 +54,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="epoch where early dropout ends or late dropout starts")
     parser.add_argument("--nproc", type=int_at_least(1), default=1,
                         help="data-parallel worker processes on this machine (torch.distributed, gloo on CPU)")
+    parser.add_argument("--seeds", type=int_at_least(1), default=1,
+                        help="runs per rate, with seeds --seed, --seed + 1, ...; the table shows mean ± spread "
+                             "(default %(default)s)")
     add_run_options(parser)
     out = parser.add_argument_group("output")
     out.add_argument("--out", type=Path, default=None, help="folder for the runs (DIR/p=<p>/) and summary.json")
@@ -71,17 +82,24 @@ def _label(config: TrainConfig) -> str:
     return f"p={main_rate(config.model, config.p, **config.model_kwargs):g}"
 
 
-def train_runs(configs: list[TrainConfig], out: Path | None, resume: bool, quiet: bool) -> list[dict]:
-    """Train each config in turn (in this process, or as one rank of a distributed job); returns,
-    per run, its summary and history (plain data, so it can cross process boundaries)."""
+def train_runs(configs: list[TrainConfig], out: Path | None, resume: bool, quiet: bool, seeds: int = 1) -> list[dict]:
+    """Train each config with ``seeds`` seeds in turn (in this process, or as one rank of a
+    distributed job); returns, per run, its label, summary and history (plain data, so it can
+    cross process boundaries)."""
     runs = []
-    for config in configs:
-        run_dir = out / _label(config) if out is not None else None
-        result = train(config, run_dir, resume=resume, quiet=quiet)
-        if not quiet and distributed.is_main():
-            print(f"{_label(config)}: test acc {_percent(result.final['test_acc'])} after "
-                  f"{len(result.history)} epochs" + (f" -> {run_dir}" if run_dir else ""), file=sys.stderr)
-        runs.append({"out_dir": str(run_dir) if run_dir else None, "history": result.history, **result.summary()})
+    for base in configs:
+        for seed in range(base.seed, base.seed + seeds):
+            config = dataclasses.replace(base, seed=seed)
+            run_dir = out / _label(config) if out is not None else None
+            if run_dir is not None and seeds > 1:
+                run_dir = run_dir / f"seed={seed}"
+            result = train(config, run_dir, resume=resume, quiet=quiet)
+            if not quiet and distributed.is_main():
+                print(f"{_label(config)}" + (f" seed {seed}" if seeds > 1 else "")
+                      + f": test acc {_percent(result.final['test_acc'])} after {len(result.history)} epochs"
+                      + (f" -> {run_dir}" if run_dir else ""), file=sys.stderr)
+            runs.append({"label": _label(config), "out_dir": str(run_dir) if run_dir else None,
+                         "history": result.history, **result.summary()})
     return runs
 
 
@@ -89,17 +107,34 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
+def _figure(values: list[float], scale: float, fmt: str) -> str:
+    """Mean ± spread of some runs' figure (just the value for one run)."""
+    found = estimate(values)
+    spread = "" if found.spread is None else f"±{scale * found.spread:.2f}"
+    return fmt.format(scale * found.mean) + spread
+
+
 def format_table(runs: list[dict]) -> str:
-    """The side-by-side table: one row per run, final-epoch figures."""
-    header = f"{'p':>9} {'train acc':>10} {'train eval':>11} {'val acc':>9} {'test acc':>9} {'gap':>8} {'s/epoch':>8}"
+    """The side-by-side table: one row per rate, final-epoch figures (mean ± spread over seeds);
+    s/epoch is the median of the epochs after each run's first."""
+    header = (f"{'p':>9} {'train acc':>12} {'train eval':>12} {'val acc':>12} {'test acc':>12} {'gap':>12} "
+              f"{'s/epoch':>8}")
     lines = [header]
+    groups: dict[str, list[dict]] = {}
     for run in runs:
-        row, rate = run["final"], run["config"]["rate"]
-        p = f"{row['p']:g}" if rate == "fixed" else f"{rate}:{row['p']:.2f}"
-        lines.append(
-            f"{p:>9} {_percent(row['train_acc']):>10} {_percent(row['train_eval_acc']):>11} {_percent(row['val_acc']):>9} "
-            f"{_percent(row['test_acc']):>9} {100 * row['gap']:>+7.2f}% {run['seconds_per_epoch']:>8.2f}"
-        )
+        groups.setdefault(run["label"], []).append(run)
+    for group in groups.values():
+        finals = [run["final"] for run in group]
+        rate = group[0]["config"]["rate"]
+        p = f"{finals[0]['p']:g}" if rate == "fixed" else f"{rate}:{statistics.fmean(r['p'] for r in finals):.2f}"
+
+        def cell(key: str, fmt: str = "{:.2f}%") -> str:
+            values = [row[key] for row in finals]
+            return "-" if None in values else _figure(values, 100, fmt)
+
+        seconds = statistics.median(s for run in group for s in steady_epoch_seconds(run["history"]))
+        lines.append(f"{p:>9} {cell('train_acc'):>12} {cell('train_eval_acc'):>12} {cell('val_acc'):>12} "
+                     f"{cell('test_acc'):>12} {cell('gap', '{:+.2f}%'):>12} {seconds:>8.3f}")
     return "\n".join(lines)
 
 
@@ -117,20 +152,29 @@ def run(args: argparse.Namespace) -> int:
     if distributed.launched_by_torchrun():
         distributed.share_cores()
         with distributed.process_group():
-            runs = train_runs(configs, args.out, args.resume, args.quiet)
+            runs = train_runs(configs, args.out, args.resume, args.quiet, args.seeds)
             main = distributed.is_main()
-    elif args.nproc > 1:
-        runs, main = distributed.launch(args.nproc, train_runs, configs, args.out, args.resume, True), True
     else:
-        runs, main = train_runs(configs, args.out, args.resume, args.quiet), True
+        warmup = kernels.warmup()
+        if not args.quiet:
+            print(f"kernel warm-up: {warmup:.2f} s (compiled or loaded from the cache; outside every epoch's time)",
+                  file=sys.stderr, flush=True)
+        if args.nproc > 1:
+            runs = distributed.launch(args.nproc, train_runs, configs, args.out, args.resume, True, args.seeds)
+        else:
+            runs = train_runs(configs, args.out, args.resume, args.quiet, args.seeds)
+        main = True
     if not main:
         return 0
     first = configs[0]
     print(f"{first.model} on {first.dataset}: {first.epochs} epochs, {first.optimizer} lr {first.lr:g}, "
-          f"batch {first.batch_size}, seed {first.seed}" + (f", {args.nproc} processes" if args.nproc > 1 else ""))
+          f"batch {first.batch_size}, "
+          + (f"seeds {first.seed}-{first.seed + args.seeds - 1} (mean ± spread)" if args.seeds > 1
+             else f"seed {first.seed}")
+          + (f", {args.nproc} processes" if args.nproc > 1 else ""))
     print(format_table(runs))
     print("train acc: during the last epoch, dropout active; train eval (10,000 training examples), val and test: "
-          "eval mode, every unit; gap = train eval - test.")
+          "eval mode, every unit; gap = train eval - test; s/epoch: median of the epochs after the first.")
     if args.out is not None:
         summary = {"runs": [{k: v for k, v in r.items() if k != "history"} for r in runs]}
         (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

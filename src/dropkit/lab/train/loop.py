@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -45,6 +46,7 @@ from dropkit.lab.data import (
     split_validation,
 )
 from dropkit.lab.models import build_model, main_rate
+from dropkit.lab.stats import steady_epoch_seconds
 from dropkit.lab.train.averaging import WeightAverage
 from dropkit.lab.train.checkpoint import (
     CHECKPOINT,
@@ -112,13 +114,16 @@ class TrainResult:
         return max(self.history, key=lambda row: row["val_acc"])
 
     def summary(self) -> dict[str, Any]:
-        """What result.json holds: final figures, best validation epoch, mean seconds per epoch."""
+        """What result.json holds: final figures, best validation epoch, seconds per epoch (the
+        median of the epochs after the first, see :func:`dropkit.lab.stats.steady_epoch_seconds`)
+        and the first epoch's seconds."""
         return {
             "config": self.config.to_dict(),
             "epochs": len(self.history),
             "final": self.final,
             "best_val": self.best_val,
-            "seconds_per_epoch": sum(row["seconds"] for row in self.history) / len(self.history),
+            "seconds_per_epoch": statistics.median(steady_epoch_seconds(self.history)),
+            "first_epoch_seconds": self.history[0]["seconds"],
             "versions": {"dropkit": dropkit.__version__, "torch": torch.__version__},
             "threads": torch.get_num_threads(),
         }
