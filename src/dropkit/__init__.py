@@ -8,12 +8,34 @@ The common entry points are re-exported here::
     layer = dropkit.nn.Dropout(0.5)
     n = dropkit.convert(model)   # swap torch dropout modules for dropkit ones
     dropkit.fuse_relu_dropout(model)  # ReLU -> Dropout pairs become one pass each way
+
+They are loaded on first use (PEP 562), so ``import dropkit`` alone, and the ``dropkit --help``
+that runs it, does not import torch.
 """
 
-from dropkit import functional, nn, rng
-from dropkit.convert import convert, fuse_relu_dropout
-from dropkit.functional import dropout
-from dropkit.rng import manual_seed
+import importlib
+from typing import Any
 
 __all__ = ["convert", "dropout", "fuse_relu_dropout", "functional", "manual_seed", "nn", "rng"]
 __version__ = "0.1.0"
+
+#: public name -> (module, attribute in it; None for the module itself)
+_LAZY = {
+    "functional": ("dropkit.functional", None), "nn": ("dropkit.nn", None), "rng": ("dropkit.rng", None),
+    "convert": ("dropkit.convert", "convert"), "fuse_relu_dropout": ("dropkit.convert", "fuse_relu_dropout"),
+    "dropout": ("dropkit.functional", "dropout"), "manual_seed": ("dropkit.rng", "manual_seed"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'dropkit' has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

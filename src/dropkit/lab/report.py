@@ -172,7 +172,8 @@ def render_html(title: str, runs: list[dict[str, Any]], summary: dict[str, Any],
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;max-width:64em;margin:2em auto;color:#222}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:right}}td{{white-space:nowrap}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:right}}
+td{{white-space:nowrap}}
 td:first-child{{text-align:left}}tr.best{{background:#e6f4e6}}img{{max-width:100%}}p.omitted{{color:#666}}</style>
 </head>
 <body><h1>{html.escape(title)}</h1><p>{setup}</p>

@@ -7,7 +7,7 @@ import argparse
 from dropkit import rng
 from dropkit.lab import bench
 from dropkit.lab.commands import bench_structured
-from dropkit.lab.commands.options import OPEN_RATE, int_at_least
+from dropkit.lab.commands.options import OPEN_RATE, description, int_at_least
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -20,22 +20,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     kernels.add_argument("--sizes", type=int, nargs="+", default=list(bench.DEFAULT_LOG2_SIZES), metavar="LOG2",
                          help="input sizes as powers of two (default: %(default)s)")
     kernels.add_argument("--dtypes", nargs="+", default=list(bench.DEFAULT_DTYPES),
-                         choices=["float32", "float64", "bfloat16", "float16"], help="(default: %(default)s)")
-    kernels.add_argument("--p", type=OPEN_RATE, nargs="+", default=list(bench.DEFAULT_PS), help="(default: %(default)s)")
+                         choices=["float32", "float64", "bfloat16", "float16"],
+                         help="input dtypes (default: %(default)s)")
+    kernels.add_argument("--p", type=OPEN_RATE, nargs="+", default=list(bench.DEFAULT_PS),
+                         help="drop probabilities, each in (0, 1) (default: %(default)s)")
     kernels.add_argument("--repeats", type=int_at_least(1), default=7, help="samples per figure; the median is kept")
     kernels.add_argument("--out", help="also write the JSON to this file")
     _add_rate_bits(kernels)
     kernels.set_defaults(func=run_kernels)
     step = which.add_parser("step", help="train step of a 784-1024-1024-10 MLP with and without dropout")
-    step.add_argument("--batch", type=int, default=256)
-    step.add_argument("--p", type=OPEN_RATE, default=0.5)
+    step.add_argument("--batch", type=int_at_least(1), default=256, help="batch size (default: %(default)s)")
+    step.add_argument("--p", type=OPEN_RATE, default=0.5, help="drop probability in (0, 1) (default: %(default)s)")
     step.add_argument("--repeats", type=int_at_least(1), default=15, help="samples per figure; the median is kept")
     step.add_argument("--out", help="also write the JSON to this file")
     step.add_argument("--compile", action="store_true", help="run every model under torch.compile (fullgraph)")
     _add_rate_bits(step)
     step.set_defaults(func=run_step)
     bench_structured.add_arguments(which.add_parser("structured", help=bench_structured.HELP,
-                                                    description=bench_structured.__doc__.split("\n\n")[0]))
+                                                    description=description(bench_structured.__doc__)))
 
 
 def _add_rate_bits(parser: argparse.ArgumentParser) -> None:

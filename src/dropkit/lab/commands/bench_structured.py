@@ -34,7 +34,7 @@ from torch import nn
 
 from dropkit import nn as dnn
 from dropkit.lab.bench import emit_json, environment
-from dropkit.lab.commands.options import OPEN_RATE, int_at_least
+from dropkit.lab.commands.options import OPEN_RATE, description, int_at_least
 from dropkit.structured import WEIGHT_GRADS, StructuredLinearStack
 
 IN_FEATURES = 784
@@ -160,19 +160,24 @@ def main(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> None:
     """``dropkit bench-structured``: an alias of ``dropkit bench structured``."""
-    add_arguments(subparsers.add_parser("bench-structured", help=HELP, description=__doc__.split("\n\n")[0]))
+    add_arguments(subparsers.add_parser("bench-structured", help=HELP, description=description(__doc__)))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of the structured-step benchmark, and its handler, on ``parser``."""
-    parser.add_argument("--widths", type=int_at_least(1), nargs="+", default=[1024, 2048, 4096])
-    parser.add_argument("--batches", type=int_at_least(1), nargs="+", default=[256, 512])
-    parser.add_argument("--p", type=OPEN_RATE, nargs="+", default=[0.3, 0.5])
-    parser.add_argument("--groups", type=int_at_least(1), nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--widths", type=int_at_least(1), nargs="+", default=[1024, 2048, 4096],
+                        help="hidden widths W of the MLP 784-W-W-10 (default %(default)s)")
+    parser.add_argument("--batches", type=int_at_least(1), nargs="+", default=[256, 512],
+                        help="batch sizes (default %(default)s)")
+    parser.add_argument("--p", type=OPEN_RATE, nargs="+", default=[0.3, 0.5],
+                        help="drop probabilities, each in (0, 1) (default %(default)s)")
+    parser.add_argument("--groups", type=int_at_least(1), nargs="+", default=[1, 2, 4, 8],
+                        help="group counts G of the structured variants (default %(default)s)")
     parser.add_argument("--repeats", type=int_at_least(1), default=7, help="timed rounds; the median is reported")
-    parser.add_argument("--warmup", type=int_at_least(0), default=2)
-    parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--momentum", type=float, default=0.0)
+    parser.add_argument("--warmup", type=int_at_least(0), default=2,
+                        help="untimed rounds before the timed ones (default %(default)s)")
+    parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate of the steps (default %(default)s)")
+    parser.add_argument("--momentum", type=float, default=0.0, help="SGD momentum of the steps (default %(default)s)")
     parser.add_argument("--threads", type=int_at_least(0), default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--weight-grad", choices=WEIGHT_GRADS, default="auto",
                         help="how the structured variants form weight gradients (default %(default)s)")

@@ -10,12 +10,21 @@ from __future__ import annotations
 import argparse
 import ast
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
 from dropkit.lab.data import DATASETS
 from dropkit.lab.models import MODELS
 from dropkit.lab.train import INPUTS, OPTIMIZERS, SCHEDULES, TrainConfig
+
+
+def description(doc: str) -> str:
+    """A module docstring's first paragraph as plain text for ``--help``: reST literals (````x````)
+    and roles (``:class:`~a.b.C```) become their bare text."""
+    first = doc.strip().split("\n\n")[0]
+    first = re.sub(r":\w+:`~?(?:[\w.]+\.)?([^`]+)`", r"\1", first)
+    return " ".join(first.replace("``", "").split())
 
 
 def float_in(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Callable[[str], float]:
@@ -78,7 +87,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--model-arg", type=model_arg, action="append", default=[], metavar="KEY=VALUE",
                        help="extra model argument, repeatable, e.g. width=512 or batchnorm=True")
     opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer, help="(default %(default)s)")
+    opt.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer,
+                     help="optimiser; nesterov is SGD with Nesterov momentum (default %(default)s)")
     opt.add_argument("--lr", type=float_in(0, math.inf, low_open=True, high_open=True), default=defaults.lr,
                      help="learning rate, > 0 (default %(default)g)")
     opt.add_argument("--momentum", type=float_in(0, 1, high_open=True), default=defaults.momentum,
@@ -98,7 +108,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
                      help="step schedule: epochs between lr drops (default %(default)s)")
     opt.add_argument("--step-gamma", type=float_in(0, 1, low_open=True), default=defaults.step_gamma,
                      help="step schedule: lr factor in (0, 1] (default %(default)g)")
-    opt.add_argument("--epochs", type=int_at_least(1), default=defaults.epochs, help="(default %(default)s)")
+    opt.add_argument("--epochs", type=int_at_least(1), default=defaults.epochs,
+                     help="passes over the training data (default %(default)s)")
     opt.add_argument("--average-from", type=int_at_least(0), default=defaults.average_from, metavar="EPOCH",
                      help="also score the running average of the weights from this epoch on, as avg_* metrics "
                           "(stochastic weight averaging; default %(default)s: off)")

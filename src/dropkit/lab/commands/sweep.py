@@ -19,7 +19,7 @@ from pathlib import Path
 
 import optuna
 
-from dropkit.lab.commands.options import add_run_options, config_from_args, float_in, int_at_least
+from dropkit.lab.commands.options import add_run_options, config_from_args, description, float_in, int_at_least
 from dropkit.lab.storage import DEFAULT_TIMEOUT, StorageUnreachable
 from dropkit.lab.sweep import PLOT_FILE, PRUNERS, SUMMARY_FILE, DataParallelTrain, SweepConfig, format_table, run_sweep
 from dropkit.lab.train import train
@@ -32,7 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``dropkit sweep`` and its arguments."""
     parser = subparsers.add_parser(
         "sweep", help="search dropout rates with Optuna (pruned, resumable, parallel)",
-        description=__doc__.split("\n\n")[0],
+        description=description(__doc__),
     )
     search = parser.add_argument_group("search")
     search.add_argument("--trials", type=int_at_least(1), default=20,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dropkit import kernels
 from dropkit.lab import distributed
-from dropkit.lab.commands.options import add_run_options, config_from_args, float_in, int_at_least
+from dropkit.lab.commands.options import add_run_options, config_from_args, description, float_in, int_at_least
 from dropkit.lab.models import main_rate
 from dropkit.lab.stats import estimate, steady_epoch_seconds
 from dropkit.lab.train import DROP_SCHEDULES, TrainConfig, train
@@ -41,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
         help="train a model at one or more dropout rates and compare them",
-        description=__doc__.split("\n\n")[0],
+        description=description(__doc__),
     )
     parser.add_argument("--p", type=_rate, nargs="+", default=[None], metavar="P",
                         help="main dropout rate(s) in [0, 1], one run each (default: the model's own); "

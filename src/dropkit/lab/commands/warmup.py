@@ -7,12 +7,13 @@ import argparse
 
 from dropkit import kernels
 from dropkit.kernels import cpu, numba_cache
+from dropkit.lab.commands.options import description
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "warmup", help="compile the CPU kernels ahead of time (cached per user; later processes load them)",
-        description=__doc__.split("\n\n")[0])
+        description=description(__doc__))
     parser.set_defaults(func=run)
 
 

@@ -9,9 +9,10 @@ Next-generation Hyperparameter Optimization Framework", KDD 2019), and stops bad
 How a trial runs
     A trial is one :func:`dropkit.lab.train.train` run in its own folder. At the end of every
     epoch the training loop's epoch hook (:class:`~dropkit.lab.sweep.trial.EpochReport`) reports
-    the validation accuracy to the trial, and the pruner may stop it after that epoch: successive halving (Jamieson & Talwalkar, AISTATS 2016) in the
-    asynchronous form Optuna implements (Li et al., "Massively Parallel Hyperparameter Tuning",
-    arXiv:1810.05934, 2018), or the median rule. The trial's value is the validation accuracy of
+    the validation accuracy to the trial, and the pruner may stop it after that epoch:
+    successive halving (Jamieson & Talwalkar, AISTATS 2016) in the asynchronous form Optuna
+    implements (Li et al., "Massively Parallel Hyperparameter Tuning", arXiv:1810.05934, 2018),
+    or the median rule. The trial's value is the validation accuracy of
     its last epoch, i.e. of the model its checkpoint holds.
 
 Promotion-based halving (``--pruner promote``, the default)

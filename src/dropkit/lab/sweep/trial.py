@@ -93,9 +93,10 @@ def run_trial(trial: Trial, cfg: SweepConfig, run_dir: Path, train_fn: TrainFn =
 
     Every epoch is reported as it ends (a promotion first reports the epochs its run copied, from
     the job it continues, so that the trial holds the whole learning curve). Raises
-    ``optuna.TrialPruned`` when the run ends before the full epochs: stopped by the pruner (``--pruner halving`` or ``median``), or, with
-    ``--pruner promote``, at the next rung of the job, which is the run's length (the run folder
-    already holds the checkpoint a promotion continues).
+    ``optuna.TrialPruned`` when the run ends before the full epochs: stopped by the pruner
+    (``--pruner halving`` or ``median``), or, with ``--pruner promote``, at the next rung of the
+    job, which is the run's length (the run folder already holds the checkpoint a promotion
+    continues).
     """
     space = search_space(cfg)
     params = {name: trial.suggest_float(name, low, high, log=kind == "log", step=step)
