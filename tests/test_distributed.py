@@ -47,12 +47,14 @@ def two_process_run(tmp_path_factory) -> list[dict]:
     return _train(tmp_path_factory.mktemp("ddp") / "a", "--epochs", "2", "--nproc", "2")
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_at_the_same_global_batch(two_process_run, tmp_path):
     single = _train(tmp_path / "one", "--epochs", "2")
     assert len(two_process_run) == len(single) == 2
     assert abs(two_process_run[-1]["test_acc"] - single[-1]["test_acc"]) <= 0.01
 
 
+@pytest.mark.slow
 def test_same_seed_and_world_size_give_the_same_run(two_process_run, tmp_path):
     again = _train(tmp_path / "b", "--epochs", "2", "--nproc", "2")
     assert _stable(again) == _stable(two_process_run)
@@ -71,6 +73,7 @@ def _train_history(config: TrainConfig, out: str, callbacks: list) -> list[dict]
     return train(config, out, quiet=True, callbacks=callbacks).history
 
 
+@pytest.mark.slow
 def test_a_rank_killed_mid_epoch_stops_the_job_naming_it_and_the_run_resumes_to_the_same_end(
         two_process_run, tmp_path):
     config = TrainConfig(p=0.5, epochs=2, limit_train=6000, limit_test=2000, val_size=500)
@@ -90,6 +93,7 @@ def _masks_per_rank(seed: int) -> list[torch.Tensor]:
     return gathered
 
 
+@pytest.mark.slow
 def test_ranks_draw_different_masks():
     masks = distributed.launch(2, _masks_per_rank, 0)
     assert len(masks) == 2
@@ -103,6 +107,7 @@ def _raise_on_rank_one() -> None:
     distributed.barrier()  # rank 0 would wait here forever for its dead peer
 
 
+@pytest.mark.slow
 def test_a_rank_that_raises_stops_the_job_naming_the_rank():
     with pytest.raises(distributed.WorkerFailed, match=r"rank 1 \(pid \d+\) failed.*injected failure"):
         distributed.launch(2, _raise_on_rank_one)
