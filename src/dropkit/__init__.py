@@ -14,6 +14,8 @@ that runs it, does not import torch.
 """
 
 import importlib
+import sys
+import types
 from typing import Any
 
 __all__ = ["convert", "dropout", "fuse_relu_dropout", "functional", "manual_seed", "nn", "rng"]
@@ -39,3 +41,16 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *__all__])
+
+
+class _Package(types.ModuleType):
+    """The package object: importing the submodule ``dropkit.convert`` would bind its name here
+    and hide the function ``dropkit.convert``; the function is kept, as an eager import had it."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _LAZY.get(name, ("", None))[1] is not None:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

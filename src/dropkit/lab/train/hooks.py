@@ -25,8 +25,8 @@ distributed run, a request on any rank stops every rank). Such a run can be resu
 if it had been given fewer epochs. On ``on_checkpoint`` the file is complete; ``on_checkpoint``
 is not called on a run without an output folder, nor on ranks other than 0.
 
-Callbacks run in the training process: with ``dropkit train --nproc`` in every rank's process,
-so they must be picklable there.
+Callbacks run in the training process; a data-parallel run started by
+:func:`dropkit.lab.distributed.launch` takes them to every rank's process pickled.
 """
 
 from __future__ import annotations
