@@ -6,10 +6,17 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from vision_shim import import_torchvision  # noqa: E402
+
+# before anything imports timm or transformers (both import torchvision when it is installed)
+import_torchvision()
 
 #: numpy dtype -> IDX type code
 _IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(">i2"): 0x0B,

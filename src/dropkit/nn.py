@@ -23,6 +23,7 @@ from torch import nn
 
 from dropkit import functional as DF
 from dropkit.rng import check_seed
+from dropkit.residual import DropPathResidual  # noqa: F401  (re-exported: the residual-block form of DropPath)
 
 __all__ = [
     "AlphaDropout",
