@@ -160,7 +160,7 @@ def test_compiled_model_does_not_recompile_for_every_kept_count():
     padded_graphs = graphs
     exact_graphs, _ = _compiled_steps(buckets=16, steps=12)  # one bucket per kept count: no padding
     assert padded_graphs < exact_graphs
-    assert padded_graphs <= 8
+    assert padded_graphs <= 5
 
 
 def test_compiled_outputs_and_gradients_match_the_dense_composition():

@@ -24,6 +24,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from dropkit import nn as dnn
+from dropkit.lora import convert_peft_lora
 
 __all__ = ["TWINS", "DropoutCall", "Unconverted", "convert", "functional_dropout_calls", "fuse_relu_dropout",
            "unconverted"]
@@ -124,7 +125,10 @@ def convert(model: nn.Module, *, structured: bool = False, fuse: bool = False) -
     ``DropPath`` and torchvision's ``StochasticDepth`` (``mode="row"`` or ``"batch"``).
 
     Returns how many modules were replaced (also logged). Dropout it cannot swap (attention
-    dropout, see :func:`unconverted`) is logged as a warning, one line per module.
+    dropout, see :func:`unconverted`) is logged as a warning, one line per module. In a PEFT model
+    each LoRA adapter's dropout is moved into its ``lora_A`` projection
+    (:func:`dropkit.lora.convert_peft_lora`), so backward keeps no dropped copy of the input; each
+    adapter converted counts as one replacement.
 
     With ``structured=True``, ``nn.Sequential`` MLPs (``Linear -> activation -> Dropout ... ->
     Linear``) become :class:`dropkit.structured.StructuredLinearStack` modules sharing their weights,
@@ -153,7 +157,7 @@ def convert(model: nn.Module, *, structured: bool = False, fuse: bool = False) -
         return to_structured(model)
     if _builder(model) is not None:
         raise ValueError("model is itself a dropout module; convert the model that contains it")
-    replaced = 0
+    replaced = convert_peft_lora(model)  # PEFT LoRA layers: dropout moves into lora_A (dropkit.lora)
     for parent in model.modules():
         for name, child in list(parent.named_children()):
             builder = _builder(child)
