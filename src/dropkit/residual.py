@@ -78,15 +78,16 @@ def _kept_rows(x: torch.Tensor, p: float, scale: float, seed: int | None, genera
     rows, then as many dropped rows as the bucket needs, and weights ``scale`` (kept) / 0 (padding).
     """
     batch = x.shape[0]
-    keep = kernels.keep_mask(int(rng.resolve_seed(seed, generator)), p, (batch,), device=x.device)
+    # one draw per sample: drawn on the CPU (the same stream on every device), only indices move
+    keep = kernels.keep_mask(int(rng.resolve_seed(seed, generator)), p, (batch,))
     if buckets is None:
-        return keep.nonzero().squeeze(1), None
+        return keep.nonzero().squeeze(1).to(x.device, non_blocking=True), None
     kept = int(keep.sum())
     size = bucket_size(kept, batch, buckets)
     rows = torch.argsort((~keep).to(torch.uint8), stable=True)[:size]
-    weights = torch.zeros(size, dtype=x.dtype, device=x.device)
+    weights = torch.zeros(size, dtype=x.dtype)
     weights[:kept] = scale
-    return rows, weights
+    return rows.to(x.device, non_blocking=True), weights.to(x.device, non_blocking=True)
 
 
 def drop_path_residual(
