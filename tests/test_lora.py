@@ -197,3 +197,19 @@ def test_converted_peft_model_keeps_what_lora_without_dropout_keeps():
     assert saved["dropkit"] == saved["none"] + 8 * layers  # one 8-byte seed per adapter
     activation = 2 * 12 * 32 * 4  # one LoRA layer's input (float32); down_proj's is larger
     assert saved["peft"] - saved["dropkit"] >= layers * activation
+
+
+def test_compiled_lora_dropout_matches_the_eager_composition():
+    x, a, b, _ = (t.float().requires_grad_() for t in _tensors())
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, a, b: lora_dropout(x, a, b, 0.3, 2.0, training=True, seed=3),
+                             backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (compiled, lambda x, a, b: F.linear(F.linear(DF.dropout(x, 0.3, training=True, seed=3), a), b) * 2.0):
+        for t in (x, a, b):
+            t.grad = None
+        y = fn(x, a, b)
+        y.backward(torch.cos(torch.arange(y.numel(), dtype=y.dtype)).reshape(y.shape))
+        results.append([y.detach(), x.grad, a.grad, b.grad])
+    for compiled_value, eager_value in zip(*results):
+        torch.testing.assert_close(compiled_value, eager_value, rtol=1e-6, atol=1e-6)
