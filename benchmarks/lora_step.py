@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -81,6 +83,20 @@ def step_fn(model: torch.nn.Module, tokens: torch.Tensor):
     return step
 
 
+def median_cpu_seconds(variants: dict, repeats: int) -> dict[str, float]:
+    """Median CPU seconds of this process per call of each variant, sampled round-robin after one
+    warm-up call each: the work a step does, whatever share of the cores other jobs leave it."""
+    for fn in variants.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            start = time.process_time()
+            fn()
+            samples[name].append(time.process_time() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=512)
@@ -94,16 +110,22 @@ def main(argv=None) -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--rate", type=float, default=0.1)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="also the median CPU seconds per step (best with --threads 1)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     models = {"dropout0": build(0.0, False, args), "peft": build(args.rate, False, args),
               "dropkit": build(args.rate, True, args)}
     memory = {name: saved_bytes(model, tokens) for name, model in models.items()}
     layers = memory["dropkit"]["lora_layers"]
     load_before = os.getloadavg()[0]
-    times = median_times({name: step_fn(model, tokens) for name, model in models.items()}, args.repeats,
-                         min_sample_s=0.0)
+    steps = {name: step_fn(model, tokens) for name, model in models.items()}
+    times = median_times(steps, args.repeats, min_sample_s=0.0)
+    cpu = median_cpu_seconds(steps, args.repeats) if args.cpu_time else None
     result = {
         "benchmark": "lora_step",
         "model": {k: getattr(args, k) for k in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab",
@@ -119,6 +141,8 @@ def main(argv=None) -> int:
         "seconds": {k: round(v, 5) for k, v in times.items()},
         "dropkit_over_peft_time": round(times["dropkit"] / times["peft"], 3),
         "dropout0_over_peft_time": round(times["dropout0"] / times["peft"], 3),
+        "cpu_seconds": None if cpu is None else {k: round(v, 5) for k, v in cpu.items()},
+        "dropkit_over_peft_cpu": None if cpu is None else round(cpu["dropkit"] / cpu["peft"], 3),
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "note": "machine shared with other jobs: variants timed round-robin; load averages recorded",
     }

@@ -31,7 +31,7 @@ def test_lora_script_measures_saved_bytes_and_step_time(tmp_path, capsys):
     out = tmp_path / "lora.json"
     assert lora_step.main(["--hidden", "32", "--intermediate", "48", "--layers", "1", "--heads", "4",
                            "--kv-heads", "2", "--vocab", "64", "--batch", "2", "--seq", "8", "--rank", "4",
-                           "--repeats", "1", "--out", str(out)]) == 0
+                           "--repeats", "1", "--cpu-time", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     capsys.readouterr()
     memory = result["memory"]
@@ -40,4 +40,4 @@ def test_lora_script_measures_saved_bytes_and_step_time(tmp_path, capsys):
     # keeps at least one dropped copy of every LoRA layer's input more
     assert memory["dropkit"]["saved_bytes"] == memory["dropout0"]["saved_bytes"] + 8 * 7
     assert result["peft_minus_dropkit_per_lora_layer_in_activations"] >= 1.0
-    assert set(result["seconds"]) == {"dropout0", "peft", "dropkit"}
+    assert set(result["seconds"]) == set(result["cpu_seconds"]) == {"dropout0", "peft", "dropkit"}
