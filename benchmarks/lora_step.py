@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_time import median_cpu_seconds  # noqa: E402
 from vision_shim import import_torchvision  # noqa: E402
 
 import_torchvision()  # transformers imports torchvision when it is installed
@@ -81,20 +80,6 @@ def step_fn(model: torch.nn.Module, tokens: torch.Tensor):
         model(input_ids=tokens, labels=tokens).loss.backward()
         optimizer.step()
     return step
-
-
-def median_cpu_seconds(variants: dict, repeats: int) -> dict[str, float]:
-    """Median CPU seconds of this process per call of each variant, sampled round-robin after one
-    warm-up call each: the work a step does, whatever share of the cores other jobs leave it."""
-    for fn in variants.values():
-        fn()
-    samples: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            start = time.process_time()
-            fn()
-            samples[name].append(time.process_time() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def main(argv=None) -> int:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_time import median_cpu_seconds  # noqa: E402
 from vision_shim import import_torchvision  # noqa: E402
 
 import_torchvision()  # timm imports torchvision
@@ -82,10 +83,12 @@ def bench_steps(args) -> list[dict]:
     for rate in args.rates:
         models = variants_for(rate, args)
         load_before = os.getloadavg()[0]
-        times = median_times({name: step_fn(m, images, labels) for name, m in models.items()}, args.repeats,
-                             min_sample_s=0.0)
+        steps = {name: step_fn(m, images, labels) for name, m in models.items()}
+        times = (median_cpu_seconds(steps, args.repeats) if args.cpu_time
+                 else median_times(steps, args.repeats, min_sample_s=0.0))
         rows.append({
             "rate": rate,
+            "timer": "process CPU seconds" if args.cpu_time else "wall seconds",
             "seconds": {k: round(v, 5) for k, v in times.items()},
             "dropkit_over_timm": round(times["dropkit"] / times["timm"], 3),
             "no_drop_over_timm": round(times["no_drop"] / times["timm"], 3),
@@ -164,8 +167,13 @@ def main(argv=None) -> int:
     parser.add_argument("--acc-patch", type=int, default=7)
     parser.add_argument("--acc-train", type=int, default=60000, help="training images drawn from")
     parser.add_argument("--acc-test", type=int, default=10000)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time steps in CPU seconds of this process (best with --threads 1) instead of wall seconds")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     result = {
         "benchmark": "residual_vit",
         "step_model": {"img": args.img, "patch": args.patch, "dim": args.dim, "depth": args.depth,
