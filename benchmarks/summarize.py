@@ -306,6 +306,58 @@ def ddp_table(result: dict) -> str:
     return _table(["processes", "samples/s", "speed-up", "test % (1,000 examples)"], rows)
 
 
+def residual_vit_step_table(groups_of_files: list[list[dict]]) -> str:
+    """ViT step per drop rate and shape: timm's DropPath, DropPathResidual and rate 0, in the run's timer."""
+    rows = []
+    for files in groups_of_files:
+        for data in files:
+            shape = data["step_model"]
+            tokens = (shape["img"] // shape["patch"]) ** 2 + 1
+            for row in data["steps"]:
+                sec = row["seconds"]
+                rows.append([f"{row['rate']:g}", f"{tokens} tokens, batch {shape['batch']}", row.get("timer", "wall seconds"),
+                             f"{sec['timm']:.3f}", f"{sec['dropkit']:.3f}", f"{sec['no_drop']:.3f}",
+                             f"**{row['dropkit_over_timm']:.2f}**", f"{row['no_drop_over_timm']:.2f}"])
+    return _table(["rate", "step", "timer", "timm", "dropkit", "rate 0", "dropkit / timm", "rate 0 / timm"], rows)
+
+
+def residual_vit_accuracy_table(groups_of_files: list[list[dict]]) -> str:
+    """Final test accuracy per seed of the short ViT runs with timm's DropPath and DropPathResidual."""
+    rows = []
+    for files in groups_of_files:
+        runs: dict[str, dict[int, float]] = {"timm": {}, "dropkit": {}}
+        for data in files:
+            acc = data["accuracy"]
+            for variant, values in acc["accuracy"].items():
+                runs[variant].update(zip(acc["seeds"], values))
+        seeds = sorted(runs["timm"])
+        settings = files[0]["accuracy"]
+        for variant, by_seed in runs.items():
+            values = [by_seed[s] for s in seeds]
+            rows.append([f"{settings['steps']} steps, rate {settings['rate']:g}", variant,
+                         " / ".join(f"{100 * v:.1f}" for v in values),
+                         f"{100 * statistics.mean(values):.2f}", f"{100 * (max(values) - min(values)):.1f}"])
+    return _table(["run", "drop path", "test % by seed", "mean", "spread (points)"], rows)
+
+
+def lora_step_table(groups_of_files: list[list[dict]]) -> str:
+    """Bytes kept for backward and step time of each LoRA variant, per run."""
+    names = {"dropout0": "lora_dropout = 0", "peft": "PEFT's dropout", "dropkit": "dropkit.convert"}
+    rows = []
+    for files in groups_of_files:
+        for data in files:
+            threads = data["environment"]["threads"]
+            cpu = data.get("cpu_seconds") or {}
+            for name, label in names.items():
+                mem = data["memory"][name]
+                rows.append([f"{threads} thread{'s' if threads > 1 else ''}", f"{label} ({data['model']['rate']:g})"
+                             if name != "dropout0" else label, f"{mem['saved_bytes']:,}",
+                             f"{mem['saved_bytes'] / data['memory']['dropout0']['saved_bytes']:.6f}",
+                             f"{data['seconds'][name]:.3f}", f"{cpu[name]:.4f}" if name in cpu else "-"])
+    return _table(["run", "LoRA dropout", "bytes kept for backward", "over lora_dropout = 0", "wall s per step",
+                   "CPU s per step"], rows)
+
+
 def _single(files: list[str], fn: Callable[[dict], str]) -> Callable[[], str]:
     def render() -> str:
         data = load(files[0])
@@ -349,6 +401,12 @@ TABLES: dict[str, Callable[[], str]] = {
     "reference_weight_averaging": _single(["reference_srivastava_weight_averaging.json"], weight_averaging_table),
     "reference_mc_averaging": _single(["reference_srivastava_mc_averaging.json"], mc_table),
     "ddp_cpu": _single(["ddp_throughput_cpu.json"], ddp_table),
+    "residual_vit_step": _grouped([["residual_vit_step_t1_cpu_time.json", "residual_vit_step_t1_cpu_time_65tokens.json"]],
+                                  residual_vit_step_table),
+    "residual_vit_accuracy": _grouped([["residual_vit_accuracy.json"], ["residual_vit_accuracy_1000steps_seed0.json",
+                                       "residual_vit_accuracy_1000steps_seed1.json",
+                                       "residual_vit_accuracy_1000steps_seed2.json"]], residual_vit_accuracy_table),
+    "lora_step": _grouped([["lora_step_t1_cpu_time.json", "lora_step_saved_bytes.json"]], lora_step_table),
 }
 
 

@@ -11,6 +11,7 @@ import lora_step  # noqa: E402  (benchmarks/, on the path through conftest)
 import residual_vit  # noqa: E402
 
 
+@pytest.mark.slow
 def test_residual_vit_script_writes_step_ratios_and_accuracies(tmp_path, capsys):
     out = tmp_path / "vit.json"
     assert residual_vit.main(["--rates", "0.5", "--batch", "4", "--img", "8", "--patch", "4", "--dim", "16",
@@ -27,6 +28,7 @@ def test_residual_vit_script_writes_step_ratios_and_accuracies(tmp_path, capsys)
     assert all(0.0 <= a <= 1.0 for runs in accuracy["accuracy"].values() for a in runs)
 
 
+@pytest.mark.slow
 def test_lora_script_measures_saved_bytes_and_step_time(tmp_path, capsys):
     out = tmp_path / "lora.json"
     assert lora_step.main(["--hidden", "32", "--intermediate", "48", "--layers", "1", "--heads", "4",
