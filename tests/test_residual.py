@@ -288,3 +288,19 @@ def test_rewire_leaves_batch_mode_stochastic_depth_alone():
     assert rewire_residual_blocks(model) == blocks - 1
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         rewire_residual_blocks("model")
+
+
+def test_blocks_converted_to_dropkit_drop_path_are_rewired_too():
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model, shape, blocks = _timm_vit()
+    model = model.double()
+    dropkit.convert(model)  # timm's DropPath -> dropkit's DropPath
+    rewired = copy.deepcopy(model)
+    assert rewire_residual_blocks(rewired) == blocks
+    x = torch.randn(shape, dtype=torch.float64)
+    outputs = []
+    for net in (model.train(), rewired.train()):
+        torch.manual_seed(5)
+        outputs.append(net(x).detach())
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-10, atol=1e-12)

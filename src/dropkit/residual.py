@@ -218,12 +218,15 @@ def _rate(module: nn.Module) -> tuple[float, bool] | None:
         return float(module.drop_prob), bool(getattr(module, "scale_by_keep", True))
     if name == "StochasticDepth" and getattr(module, "mode", None) == "row":  # torchvision
         return float(module.p), True
+    if name == "DropPath" and type(module).__module__ == "dropkit.nn" and module.mode == "row":  # after convert
+        return float(module.p), bool(module.scale_by_keep)
     return None
 
 
 def _residual(x: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor], drop: nn.Module) -> torch.Tensor:
     p, scale_by_keep = _rate(drop)
-    return drop_path_residual(x, branch, p, training=drop.training, scale_by_keep=scale_by_keep)
+    return drop_path_residual(x, branch, p, training=drop.training, scale_by_keep=scale_by_keep,
+                              generator=getattr(drop, "generator", None))
 
 
 def _timm_vit_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -295,11 +298,13 @@ def rewire_residual_blocks(model: nn.Module) -> int:
     Rewired: timm's ViT ``Block`` and ``ConvNeXtBlock`` (when its shortcut is the identity), and
     torchvision's ``SwinTransformerBlock`` (V1 and V2) and ConvNeXt ``CNBlock``; a block whose
     drop-path module is neither timm's ``DropPath``, torchvision's ``StochasticDepth`` in ``"row"``
-    mode nor ``nn.Identity`` is left alone. Each block keeps its class, submodules, parameters and
+    mode, dropkit's ``DropPath`` in ``"row"`` mode (what :func:`dropkit.convert` puts in their place)
+    nor ``nn.Identity`` is left alone. Each block keeps its class, submodules, parameters and
     so its ``state_dict`` keys; only its ``forward`` (an instance attribute) changes, computing the
     same function through :func:`drop_path_residual`. The rates are read from the block's own
     drop-path modules on every call, so code that changes them between steps still works, and the
-    masks are drawn from torch's global generator (``dropkit.manual_seed``). A timm ViT block
+    masks are drawn from their generator if they have one (a seeded dropkit ``DropPath``), else from
+    torch's global generator (``dropkit.manual_seed``). A timm ViT block
     called with an ``attn_mask`` runs its original forward. Calling it again rewires nothing new.
     Returns the number of blocks rewired.
 
