@@ -28,6 +28,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("dropkit.lab.commands.sweep", "search dropout rates with Optuna (pruned, resumable, parallel)"),
     "warmup": ("dropkit.lab.commands.warmup",
                "compile the CPU kernels ahead of time (cached per user; later processes load them)"),
+    "uncertainty": ("dropkit.lab.commands.uncertainty",
+                    "score a trained run's calibration and OOD detection with and without MC dropout"),
 }
 
 
