@@ -34,29 +34,42 @@ def _predict(module, callbacks, loader):
 X = torch.randn(10, 4)
 
 
+class Batches:
+    """Tensor batches as one dataloader (a list would be read as one dataloader per tensor)."""
+
+    def __init__(self, *batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
 def test_without_the_callback_predict_is_deterministic():
     module = Classifier()
-    first, second = _predict(module, [], [X]), _predict(module, [], [X])
+    first, second = _predict(module, [], Batches(X)), _predict(module, [], Batches(X))
     assert torch.equal(first[0], second[0])
 
 
 def test_callback_turns_dropout_on_and_restores_modes():
     module = Classifier()
     module.train()
-    first = _predict(module, [MCDropoutCallback()], [X])[0]
-    second = _predict(module, [MCDropoutCallback()], [X])[0]
+    first = _predict(module, [MCDropoutCallback()], Batches(X))[0]
+    second = _predict(module, [MCDropoutCallback()], Batches(X))[0]
     assert not torch.equal(first, second)
     assert all(m.training for m in module.modules()) and torch.backends.mha.get_fastpath_enabled()
 
 
 def test_samples_stack_matches_mc_samples_and_repeats():
     module = Classifier().eval()
-    stacks = _predict(module, [MCDropoutCallback(samples=6, seed=2)], [X[:5], X[5:]])
+    stacks = _predict(module, [MCDropoutCallback(samples=6, seed=2)], Batches(X[:5], X[5:]))
     assert [s.shape for s in stacks] == [(6, 5, 3), (6, 5, 3)]
     from dropkit import rng
     expected = mc.mc_samples(module, X[5:], 6, seed=rng.derive_seed(2, 0, 1))
     assert torch.equal(stacks[1], expected)
-    again = _predict(module, [MCDropoutCallback(samples=6, seed=2)], [X[:5], X[5:]])
+    again = _predict(module, [MCDropoutCallback(samples=6, seed=2)], Batches(X[:5], X[5:]))
     assert torch.equal(stacks[0], again[0]) and torch.equal(stacks[1], again[1])
     assert "predict_step" not in module.__dict__
 

@@ -51,6 +51,10 @@ def test_cli_writes_json_and_html(tiny_run, capsys):
     page = (out / "uncertainty.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and "AUROC" in page
     assert "MC T=12" in capsys.readouterr().out
+    assert main(["uncertainty", str(tiny_run / "run"), "--samples", "2", "--limit", "7", "--ood-dir",
+                 str(tiny_run / "ood"), "--out", str(out)]) == 0
+    limited = json.loads((out / "uncertainty.json").read_text())
+    assert limited["test_size"] == 7 and limited["ood"]["size"] == 7
 
 
 def test_figures_match_a_direct_computation_and_repeat(tiny_run):

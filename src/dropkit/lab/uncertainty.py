@@ -80,13 +80,15 @@ def load_run(folder: str | Path) -> tuple[TrainConfig, nn.Module]:
     return config, model.eval()
 
 
-def _test_sets(config: TrainConfig, ood: str | None, ood_dir: str | None) -> tuple[Any, Any | None]:
-    """The run's test split and the out-of-distribution test split, both scaled as the run's inputs."""
+def _test_sets(config: TrainConfig, ood: str | None, ood_dir: str | None, limit: int | None) -> tuple[Any, Any | None]:
+    """The run's test split and the out-of-distribution test split (the first ``limit`` inputs of
+    each, if given), both scaled as the run's inputs."""
     data = load_dataset(config.dataset, config.data_dir)
     train_part, _ = split_validation(data.train, config.val_size, seed=VAL_SPLIT_SEED)
-    splits = [data.test.head(config.limit_test)]
+    test = data.test.head(config.limit_test)
+    splits = [test.head(limit)]
     if ood is not None or ood_dir is not None:
-        splits.append(load_dataset(ood or "ood", ood_dir).test)
+        splits.append(load_dataset(ood or "ood", ood_dir).test.head(limit))
     scaled = normalise(train_part.head(config.limit_train), *splits, standardise=config.inputs == "standard")[1:]
     return scaled[0], (scaled[1] if len(scaled) > 1 else None)
 
@@ -124,7 +126,7 @@ def _ood(inside: dict[str, torch.Tensor], outside: dict[str, torch.Tensor]) -> d
 
 def evaluate_uncertainty(run_dir: str | Path, samples: int = 100, *, ood: str | None = None,
                          ood_dir: str | None = None, seed: int = 0, bins: int = mc_metrics.DEFAULT_BINS,
-                         memory_budget: int = DEFAULT_MEMORY_BUDGET) -> dict[str, Any]:
+                         memory_budget: int = DEFAULT_MEMORY_BUDGET, limit: int | None = None) -> dict[str, Any]:
     """Deterministic and Monte Carlo dropout figures of a trained run, as ``uncertainty.json`` holds them.
 
     Args:
@@ -135,6 +137,7 @@ def evaluate_uncertainty(run_dir: str | Path, samples: int = 100, *, ood: str | 
         seed: seed of the passes.
         bins: ECE and reliability bins.
         memory_budget: bytes of module outputs per batched forward (see :func:`dropkit.mc.mc_samples`).
+        limit: score only the first ``limit`` inputs of the test and out-of-distribution sets.
 
     Returns a dict with ``deterministic`` and ``mc`` (each ``accuracy``, ``nll``, ``brier``,
     ``ece`` and, with out-of-distribution data, ``auroc``/``aupr`` per score), ``levels`` (the MC
@@ -143,9 +146,11 @@ def evaluate_uncertainty(run_dir: str | Path, samples: int = 100, *, ood: str | 
     """
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be an int >= 1, got {samples!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be an int >= 1 or None, got {limit!r}")
     start = time.perf_counter()
     config, model = load_run(run_dir)
-    test, ood_test = _test_sets(config, ood, ood_dir)
+    test, ood_test = _test_sets(config, ood, ood_dir, limit)
     labels = test.labels
     det = _deterministic_probs(model, test.images)
     passes = _mc_probs(model, test.images, samples, seed, memory_budget)
