@@ -161,6 +161,7 @@ class _Sampler:
         self.rows = 0
         self.current: int | None = None  # the pass being computed inside a module, if any
         self.calls: dict[tuple[int, int], int] = {}
+        self.cuda = False
 
     @contextmanager
     def installed(self) -> Iterator[_Sampler]:
@@ -185,7 +186,7 @@ class _Sampler:
 
     def forward(self, model: nn.Module, x: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         """``len(seeds)`` passes of ``model`` on ``x``: output ``(passes, *model(x).shape)``."""
-        self.seeds, self.calls = list(seeds), {}
+        self.seeds, self.calls, self.cuda = list(seeds), {}, x.is_cuda
         passes = len(seeds)
         batch = x.repeat(passes, *([1] * (x.dim() - 1))) if passes > 1 else x
         self.rows = batch.shape[0]
@@ -217,7 +218,12 @@ class _Sampler:
     def _one_pass(self, key: int, r: int, forward, args: tuple, kwargs: dict) -> Any:
         call = self.calls.get((r, key), 0)
         self.calls[(r, key)] = call + 1
-        torch.manual_seed(rng.derive_seed(self.seeds[r], self.index[key], call))
+        seed = rng.derive_seed(self.seeds[r], self.index[key], call)
+        # the generators themselves: torch.manual_seed also queues a seeding of every lazy device
+        # backend, recording a stack trace each time, which costs more than a small layer
+        torch.default_generator.manual_seed(seed)
+        if self.cuda:
+            torch.cuda.manual_seed(seed)
         # torch draws a mask in its input's memory order: contiguous inputs make it the logical order
         args = tuple(_contiguous(a) for a in args)
         kwargs = {k: _contiguous(v) for k, v in kwargs.items()}
