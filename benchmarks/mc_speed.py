@@ -21,6 +21,7 @@ Prints one JSON object: seconds per T passes for each variant and batch size, th
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import sys
@@ -97,10 +98,8 @@ def main() -> int:
         rows.append({"batch": batch, "seconds": times,
                      "speedup_vs_sequential": {k: times["sequential"] / v for k, v in times.items()}})
     try:
-        import baal
-
-        baal_version = baal.__version__
-    except ImportError:
+        baal_version = importlib.metadata.version("baal")
+    except importlib.metadata.PackageNotFoundError:
         baal_version = None
     print(json.dumps({"model": args.model, "samples": args.samples, "threads": torch.get_num_threads(),
                       "torch": torch.__version__, "baal": baal_version, "rows": rows,
