@@ -59,8 +59,9 @@ __all__ = [
 ]
 
 #: module types that sample when switched on (``nn.MultiheadAttention`` only with ``dropout > 0``);
-#: :class:`~dropkit.structured.StructuredLinearStack` too, recognised once :mod:`dropkit.structured` is imported (a model cannot hold one before), so
-#: numba loads only when structured dropout is used
+#: :class:`~dropkit.structured.StructuredLinearStack` samples too, recognised once
+#: :mod:`dropkit.structured` is imported (no model holds one before), so that numba loads only
+#: where structured dropout is used
 DROPOUT_TYPES: tuple[type[nn.Module], ...] = (DropoutLayer, *TWINS, ConcreteDropout, nn.MultiheadAttention)
 
 #: bytes of module outputs one batched forward may produce (see :func:`mc_samples`)
