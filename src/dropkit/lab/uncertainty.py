@@ -33,7 +33,9 @@ from dropkit.lab.atomic_files import atomic_write_text  # noqa: E402
 from dropkit.lab.data import load_dataset, normalise, split_validation  # noqa: E402
 from dropkit.lab.models import build_model  # noqa: E402
 from dropkit.lab.report import _png  # noqa: E402
-from dropkit.lab.train import CHECKPOINT, EVAL_BATCH, VAL_SPLIT_SEED, TrainConfig, model_p  # noqa: E402
+from dropkit.lab.train import CHECKPOINT, TrainConfig, model_p  # noqa: E402
+from dropkit.lab.train.loop import VAL_SPLIT_SEED  # noqa: E402
+from dropkit.lab.train.metrics import EVAL_BATCH  # noqa: E402
 from dropkit.mc import DEFAULT_MEMORY_BUDGET, mc_samples  # noqa: E402
 
 __all__ = ["LEVELS", "evaluate_uncertainty", "load_run", "write_uncertainty"]
