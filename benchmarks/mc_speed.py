@@ -101,8 +101,9 @@ def main() -> int:
         baal_version = importlib.metadata.version("baal")
     except importlib.metadata.PackageNotFoundError:
         baal_version = None
-    print(json.dumps({"model": args.model, "samples": args.samples, "threads": torch.get_num_threads(),
-                      "torch": torch.__version__, "baal": baal_version, "rows": rows,
+    print(json.dumps({"model": args.model, "samples": args.samples, "baal": baal_version, "rows": rows,
+                      "environment": {"threads": torch.get_num_threads(), "torch": torch.__version__,
+                                      "load_average_1min": round(load_before[0], 2)},
                       "loadavg_before": load_before, "loadavg_after": os.getloadavg()}, indent=2))
     return 0
 

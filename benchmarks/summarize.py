@@ -283,6 +283,51 @@ def mc_table(result: dict) -> str:
     return _table(["prediction", "test %"], rows)
 
 
+def mc_uncertainty_table(result: dict) -> str:
+    """Per run: eval mode against MC dropout (T passes) on the test set, and OOD detection AUROC."""
+    rows = []
+    for run in result["runs"]:
+        c, u = run["config"], run["uncertainty"]
+        det, mc = u["deterministic"], u["mc"]
+        auroc = mc.get("auroc", {})
+        rows.append([f"`{c['model']}`", str(c["seed"]), str(c["epochs"]), str(u["samples"]),
+                     f"{100 * det['accuracy']:.2f} / {100 * mc['accuracy']:.2f}",
+                     f"{det['nll']:.4f} / {mc['nll']:.4f}", f"{det['ece']:.4f} / {mc['ece']:.4f}",
+                     f"{det['brier']:.4f} / {mc['brier']:.4f}",
+                     f"{det['auroc']['total_entropy']:.4f}" if "auroc" in det else "-",
+                     " / ".join(f"{auroc[k]:.4f}" for k in ("total_entropy", "mutual_information", "max_probability")
+                                if k in auroc) or "-"])
+    return _table(["model", "seed", "epochs", "T", "test % (eval / MC)", "NLL (eval / MC)", "ECE (eval / MC)",
+                   "Brier (eval / MC)", "OOD AUROC, eval: entropy",
+                   "OOD AUROC, MC: entropy / mutual information / 1 - max p"], rows)
+
+
+def mc_levels_table(result: dict) -> str:
+    """MC figures after T passes, mean over the runs of each model."""
+    by_model: dict[str, list[dict]] = {}
+    for run in result["runs"]:
+        by_model.setdefault(run["config"]["model"], []).append(run["uncertainty"])
+    rows = []
+    for model, runs in by_model.items():
+        ways = [("eval mode", [r["deterministic"] for r in runs])]
+        ways += [(f"MC, T = {t}", [r["levels"][t] for r in runs]) for t in runs[0]["levels"]]
+        for name, figures in ways:
+            mean = {k: sum(f[k] for f in figures) / len(figures) for k in ("accuracy", "nll", "ece")}
+            rows.append([f"`{model}`", name, f"{100 * mean['accuracy']:.2f}", f"{mean['nll']:.4f}",
+                         f"{mean['ece']:.4f}"])
+    return _table(["model", "prediction", "test %", "NLL", "ECE"], rows)
+
+
+def mc_speed_table(result: dict) -> str:
+    """Seconds for T passes per variant and batch size, and the speed-up over sequential passes."""
+    names = [k for k in ("loop", "sequential", "batched", "baal") if k in result["rows"][0]["seconds"]]
+    rows = [[str(r["batch"])] + [f"{1000 * r['seconds'][k]:.1f}" for k in names]
+            + [f"{r['speedup_vs_sequential'][k]:.2f}" for k in names if k != "sequential"]
+            for r in result["rows"]]
+    return _table(["batch"] + [f"{k} (ms)" for k in names] + [f"{k} speed-up" for k in names if k != "sequential"],
+                  rows)
+
+
 def choosing_p_table(result: dict) -> str:
     best = {}
     rows = []
@@ -407,6 +452,9 @@ TABLES: dict[str, Callable[[], str]] = {
                                        "residual_vit_accuracy_1000steps_seed1.json",
                                        "residual_vit_accuracy_1000steps_seed2.json"]], residual_vit_accuracy_table),
     "lora_step": _grouped([["lora_step_t1_cpu_time.json", "lora_step_saved_bytes.json"]], lora_step_table),
+    "mc_uncertainty": _single(["mc_uncertainty_mnist_mlp_cnn.json"], mc_uncertainty_table),
+    "mc_levels": _single(["mc_uncertainty_mnist_mlp_cnn.json"], mc_levels_table),
+    "mc_speed": _single(["mc_speed_srivastava_mlp_t20.json"], mc_speed_table),
 }
 
 

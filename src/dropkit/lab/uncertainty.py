@@ -182,15 +182,16 @@ def evaluate_uncertainty(run_dir: str | Path, samples: int = 100, *, ood: str | 
 
 
 def _reliability_figure(reliability: dict[str, dict[str, list]], figures: dict[str, dict[str, float]]) -> str:
+    """Accuracy per confidence bin (bars) against the bin's mean confidence (dots), both ways."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
     for ax, (name, bins) in zip(axes, reliability.items()):
         edges = bins["edges"]
         width = edges[1] - edges[0]
-        acc = [a if a is not None else 0.0 for a in bins["accuracy"]]
-        conf = [c if c is not None else 0.0 for c in bins["confidence"]]
-        ax.bar(edges[:-1], acc, width=width, align="edge", edgecolor="black", label="accuracy")
-        ax.bar(edges[:-1], [c - a for a, c in zip(acc, conf)], bottom=acc, width=width, align="edge",
-               color="C3", alpha=0.35, label="gap to confidence")
+        filled = [i for i, n in enumerate(bins["counts"]) if n]
+        ax.bar([edges[i] for i in filled], [bins["accuracy"][i] for i in filled], width=width, align="edge",
+               edgecolor="black", label="accuracy")
+        ax.plot([edges[i] + width / 2 for i in filled], [bins["confidence"][i] for i in filled], "o", color="C3",
+                markersize=4, label="mean confidence")
         ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
         ax.set(xlabel="confidence", title=f"{name}: ECE {figures[name]['ece']:.4f}", xlim=(0, 1), ylim=(0, 1))
     axes[0].set_ylabel("accuracy")
@@ -199,11 +200,13 @@ def _reliability_figure(reliability: dict[str, dict[str, list]], figures: dict[s
 
 
 def _histogram_figure(histograms: dict[str, dict[str, list[float]]], auroc: dict[str, float]) -> str:
+    """Each MC score's distribution on the test set and on the out-of-distribution set."""
     fig, axes = plt.subplots(1, len(histograms), figsize=(4 * len(histograms), 3.4))
     for ax, (name, data) in zip(axes, histograms.items()):
         ax.hist(data["inside"], bins=40, alpha=0.6, density=True, label="test set")
         ax.hist(data["outside"], bins=40, alpha=0.6, density=True, label="out of distribution")
-        ax.set(xlabel=name.replace("_", " "), title=f"AUROC {auroc[name]:.4f}")
+        label = "1 - max probability" if name == "max_probability" else name.replace("_", " ")
+        ax.set(xlabel=label, title=f"AUROC {auroc[name]:.4f}")
     axes[0].set_ylabel("density")
     axes[0].legend(fontsize=8)
     return _png(fig)
