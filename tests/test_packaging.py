@@ -14,9 +14,10 @@ import pytest
 import dropkit
 
 PACKAGE = Path(dropkit.__file__).parent
-#: the core's modules; ``__main__`` is the command's entry point, which is the lab's
+#: the core's modules; ``__main__`` is the command's entry point, which is the lab's, and
+#: ``integrations`` hold the bridges to other frameworks, each needing its own extra
 CORE_FILES = sorted(p for p in PACKAGE.rglob("*.py")
-                    if "lab" not in p.relative_to(PACKAGE).parts and p.name != "__main__.py")
+                    if not {"lab", "integrations"} & set(p.relative_to(PACKAGE).parts) and p.name != "__main__.py")
 
 #: the lab's packages (and optional ones of other extras), absent from a core-only environment
 LAB_ONLY = ("optuna", "matplotlib", "tqdm", "sklearn", "pandas")

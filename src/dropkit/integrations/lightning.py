@@ -23,8 +23,12 @@ from __future__ import annotations
 from contextlib import ExitStack
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
+
+try:
+    import lightning.pytorch as pl
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError("dropkit.integrations.lightning needs Lightning: pip install 'dropkit[lightning]'") from err
 
 from dropkit import rng
 from dropkit.mc import DEFAULT_MEMORY_BUDGET, dropout_active, mc_samples
