@@ -87,13 +87,13 @@ def test_onnxruntime_matches_eager_for_each_seed(tmp_path):
     model = nn.Sequential(dnn.Dropout(0.5), nn.Dropout2d(0.25))
     x = torch.randn(4, 3, 5, 5)
     path = export.export_onnx(model, x, tmp_path / "mc.onnx", optimize=False)
-    session = ort.InferenceSession(str(path))
+    runtime = ort.InferenceSession(str(path))
     wrapped = export.mc_export_module(model)
     outputs = []
     for seed in (0, 1, 2**62 + 9):
-        got = session.run(None, {"x": x.numpy(), "seed": np.array(seed, dtype=np.int64)})[0]
+        got = runtime.run(None, {"x": x.numpy(), "seed": np.array(seed, dtype=np.int64)})[0]
         np.testing.assert_array_equal(got, wrapped(x, torch.tensor(seed)).numpy())
         outputs.append(got)
     assert not np.array_equal(outputs[0], outputs[1])
-    again = session.run(None, {"x": x.numpy(), "seed": np.array(1, dtype=np.int64)})[0]
+    again = runtime.run(None, {"x": x.numpy(), "seed": np.array(1, dtype=np.int64)})[0]
     np.testing.assert_array_equal(again, outputs[1])

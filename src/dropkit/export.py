@@ -26,8 +26,8 @@ Needs the ``onnx`` extra (``pip install dropkit[onnx]``) to export.
 
 Example:
     >>> export_onnx(model, torch.randn(32, 784), "mc.onnx")
-    >>> session = onnxruntime.InferenceSession("mc.onnx")
-    >>> passes = [session.run(None, {"x": x, "seed": np.array(s, dtype=np.int64)})[0] for s in range(30)]
+    >>> runtime = onnxruntime.InferenceSession("mc.onnx")
+    >>> passes = [runtime.run(None, {"x": x, "seed": np.array(s, dtype=np.int64)})[0] for s in range(30)]
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, op
     """Write ``model`` with its dropout on as an ONNX file with inputs ``x`` (shaped like ``example``)
     and ``seed`` (an int64 scalar) and output ``y``, through torch's ``dynamo`` exporter (opset 18).
 
-    Run it with onnxruntime as ``session.run(None, {"x": x, "seed": np.array(s, dtype=np.int64)})``;
+    Run it with onnxruntime as ``runtime.run(None, {"x": x, "seed": np.array(s, dtype=np.int64)})``;
     the shapes are fixed to ``example``'s. Returns the path written.
     """
     wrapped = mc_export_module(model)
