@@ -251,8 +251,10 @@ def test_rnn_between_layer_dropout_warns():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="samples must be an int >= 1"):
         mc.mc_samples(_net(0.5), torch.randn(2, 6), samples=0)
-    with pytest.raises(ValueError, match="samples must be an int >= 1"):
+    with pytest.raises(TypeError, match="samples must be an int >= 1"):
         mc.mc_samples(_net(0.5), torch.randn(2, 6), samples=True)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        mc.mc_samples(lambda x: x, torch.randn(2, 6), samples=2)
     with pytest.raises(ValueError, match="memory_budget must be an int >= 0"):
         mc.mc_samples(_net(0.5), torch.randn(2, 6), samples=2, memory_budget=-1)
     with pytest.raises(ValueError, match="seed must be an int"):

@@ -103,9 +103,13 @@ def dropout_active(model: nn.Module) -> Iterator[list[tuple[str, nn.Module]]]:
     it on exit. Yields :func:`dropout_modules`. Raises ``ValueError`` for a model with no dropout.
 
     Example:
-        >>> with dropout_active(model):
-        ...     a, b = model(x), model(x)   # two different masks
+        >>> net = nn.Sequential(nn.Linear(4, 4), dnn.Dropout(0.5))
+        >>> with dropout_active(net):
+        ...     net[1].training, net[0].training
+        (True, False)
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     layers = dropout_modules(model)
     if not layers:
         raise ValueError(f"model ({type(model).__name__}) has no dropout module: Monte Carlo dropout would return "
@@ -315,7 +319,9 @@ def _output_bytes(model: nn.Module, run) -> tuple[Any, int]:
 
 
 def _check_int(name: str, value: int, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {low}, got {type(value).__name__} {value!r}")
+    if value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
@@ -343,8 +349,13 @@ def mc_samples(model: nn.Module, x: torch.Tensor, samples: int = 30, *, seed: in
     Shape: ``x``: (N, ...); output: (samples, N, ...).
 
     Example:
-        >>> logits = mc_samples(model, images, samples=50, seed=0)
-        >>> probs = logits.softmax(-1).mean(0)
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), dnn.Dropout(0.5), nn.Linear(8, 3))
+        >>> x = torch.randn(2, 4)
+        >>> logits = mc_samples(net, x, samples=5, seed=0)
+        >>> logits.shape
+        torch.Size([5, 2, 3])
+        >>> torch.equal(logits, mc_samples(net, x, samples=5, seed=0))  # same seed, same passes
+        True
     """
     _check_int("samples", samples, 1)
     _check_int("memory_budget", memory_budget, 0)
@@ -402,8 +413,11 @@ def mc_classify(model: nn.Module, x: torch.Tensor, samples: int = 30, *, seed: i
     Arguments as :func:`mc_samples`.
 
     Example:
-        >>> out = mc_classify(model, images, samples=50)
+        >>> net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), dnn.Dropout(0.5), nn.Linear(16, 3))
+        >>> out = mc_classify(net, torch.randn(4, 8), samples=50, seed=0)
         >>> flagged = out.epistemic > 0.2   # inputs the model has not learned to handle
+        >>> out.probs.shape, flagged.shape
+        (torch.Size([4, 3]), torch.Size([4]))
     """
     logits = mc_samples(model, x, samples, seed=seed, memory_budget=memory_budget)
     return uncertainty_from_probs(logits.float().softmax(-1))
