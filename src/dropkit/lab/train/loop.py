@@ -45,7 +45,7 @@ from dropkit.lab.data import (
     normalise,
     split_validation,
 )
-from dropkit.lab.models import build_model, main_rate
+from dropkit.lab.models import IMAGE_SIDE, NUM_CLASSES, build_model, main_rate
 from dropkit.lab.stats import steady_epoch_seconds
 from dropkit.lab.train.averaging import WeightAverage
 from dropkit.lab.train.checkpoint import (
@@ -141,6 +141,7 @@ def load_splits(
     :data:`~dropkit.lab.train.config.INPUTS`.
     """
     ds = load_dataset(dataset, data_dir)
+    ds.check_fits((IMAGE_SIDE, IMAGE_SIDE), NUM_CLASSES, "the lab's models")
     train_part, val = split_validation(ds.train, val_size, seed=VAL_SPLIT_SEED)
     return normalise(train_part.head(limit_train), val, ds.test.head(limit_test), standardise=inputs == "standard")
 
