@@ -9,15 +9,14 @@ URLs, and damaged checkpoints. A Hypothesis test then throws arbitrary text at e
 from __future__ import annotations
 
 import re
-from itertools import product
 from unittest import mock
 
 import numpy as np
 import pytest
+from conftest import write_idx, write_idx_folder
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import write_idx, write_idx_folder
 from dropkit.lab.cli import main
 from dropkit.lab.commands import train as train_command
 

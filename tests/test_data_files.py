@@ -10,12 +10,12 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from conftest import write_idx, write_idx_folder
 
 from dropkit.lab import data
 from dropkit.lab.cli import main
 from dropkit.lab.data import load_idx_folder, read_idx
 from dropkit.lab.train import load_splits
-from conftest import write_idx, write_idx_folder
 
 CLI_SMALL = ["--epochs", "1", "--val-size", "5", "--quiet"]
 

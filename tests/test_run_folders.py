@@ -46,18 +46,16 @@ def test_a_second_holder_in_this_process_is_refused_and_the_lock_is_released_aft
             with run_lock.hold(tmp_path / "run"):
                 pass
     assert not (tmp_path / "run" / LOCK_FILE).exists()
-    with pytest.raises(KeyError):
-        with run_lock.hold(tmp_path / "run"):
-            raise KeyError  # an error inside the block releases the lock too
+    with pytest.raises(KeyError), run_lock.hold(tmp_path / "run"):
+        raise KeyError  # an error inside the block releases the lock too
     with run_lock.hold(tmp_path / "run"):
         pass
 
 
 def test_another_process_holding_the_folder_is_named_by_its_pid(holder):
     folder, process = holder
-    with pytest.raises(RunFolderBusy, match=f"pid {process.pid} on "):
-        with run_lock.hold(folder):
-            pass
+    with pytest.raises(RunFolderBusy, match=f"pid {process.pid} on "), run_lock.hold(folder):
+        pass
 
 
 def test_a_run_into_a_folder_another_process_holds_is_refused(holder, capsys):

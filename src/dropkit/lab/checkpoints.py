@@ -117,7 +117,7 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: no such checkpoint")
     try:
         state = torch.load(path, weights_only=True)
-    except Exception as err:  # torch reports a damaged file as any of a dozen exception types
+    except Exception as err:  # noqa: BLE001  (torch reports a damaged file as any of a dozen exception types)
         reason = " ".join(str(err).split())[:200] or type(err).__name__
         raise CheckpointError(f"{path}: damaged checkpoint: cannot be read ({reason})") from None
     if not isinstance(state, dict) or "config" not in state or "epoch" not in state:

@@ -28,7 +28,6 @@ from dropkit.lab.models import main_rate
 from dropkit.lab.stats import estimate, steady_epoch_seconds
 from dropkit.lab.train import DROP_SCHEDULES, TrainConfig, train
 
-
 RATE_MODES = ("auto", "concrete")
 
 
