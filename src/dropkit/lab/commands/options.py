@@ -150,5 +150,8 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
     for name, value in overrides.items():
         setattr(config, name, value)
     config.validate()
-    check_model_args(config.model, model_p(config), **config.model_kwargs)
+    try:
+        check_model_args(config.model, model_p(config), **config.model_kwargs)
+    except ValueError as err:
+        raise ValueError(f"--model-arg: {err}") from None
     return config
