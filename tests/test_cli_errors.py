@@ -154,7 +154,7 @@ SETTINGS = [
 @pytest.mark.parametrize("argv", SETTINGS, ids=" ".join)
 def test_bad_settings_are_one_line_before_any_training(argv, capsys, tmp_path):
     out = [] if "--resume" in argv else ["--out", str(tmp_path / "out")]
-    with mock.patch("dropkit.lab.train._train_epoch", side_effect=AssertionError("training started")):
+    with mock.patch("dropkit.lab.train.loop._train_epoch", side_effect=AssertionError("training started")):
         assert_one_line_error([argv[0], *QUICK, *argv[1:], *out], capsys)
 
 
