@@ -75,7 +75,7 @@ COMMAND_FLAGS = {
                 "--l2": ["-1", "nan"], "--max-norm-c": ["0", "inf"], "--nproc": ["0"]},
     "sweep": {**RUN_FLAGS, "--trials": ["0", "x"], "--p-step": ["1", "-0.1", "nan"], "--workers": ["0"],
               "--stale-after": ["0", "nan", "inf"], "--pruner": ["fast"], "--nproc": ["0"],
-              "--storage": ["notaurl", "foo://x", "mysql://u@h/db", "postgresql+nodriver://h/db", "sqlite:"]},
+              "--storage-timeout": ["0", "nan"]},
     "bench kernels": {"--sizes": ["31", "-1", "x"], "--dtypes": ["int8"], "--p": ["0", "1", "nan"],
                       "--repeats": ["0"], "--rate-bits": ["7", "8.0"]},
     "bench step": {"--batch": ["0", "-1", "x"], "--p": ["0", "1", "nan"], "--repeats": ["0"],
@@ -219,15 +219,24 @@ def test_bad_data_in_compares_own_process_is_one_line_naming_the_file(capsys, tm
                           capsys, named)
 
 
-# --- storage URLs that parse but cannot be used ---------------------------------------------------
+# --- storage URLs -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("url", ["sqlite:///{tmp}/absent/study.db", "sqlite:///{tmp}/a-file/study.db",
-                                 "sqlite:///{tmp}"])
-def test_an_unusable_storage_is_one_line_naming_it(url, capsys, tmp_path):
+@pytest.mark.parametrize("url", ["notaurl", "foo://x", "mysql://u@h/db", "postgresql+nodriver://h/db"])
+def test_a_bad_storage_url_is_one_line_naming_it(url, capsys, tmp_path):
+    assert_one_line_error(["sweep", "--trials", "1", *QUICK, "--storage", url, "--out", str(tmp_path / "sw")],
+                          capsys, f"--storage {url!r}" if "://" not in url or "mysql" not in url else "--storage")
+
+
+@pytest.mark.parametrize("url", ["sqlite:///{tmp}/absent/study.db", "sqlite:///{tmp}/a-file/study.db"])
+def test_an_unreachable_storage_ends_in_one_line_naming_it(url, capsys, tmp_path):
+    """A storage that cannot be opened is retried for --storage-timeout (a server may be
+    restarting; the outage is logged as it starts), then the command ends with one line naming it."""
     (tmp_path / "a-file").write_text("")
     url = url.format(tmp=tmp_path)
-    assert_one_line_error(["sweep", "--trials", "1", *QUICK, "--storage", url, "--out", str(tmp_path / "sw")],
-                          capsys, f"--storage {url}")
+    code, err = run_cli(["sweep", "--trials", "1", *QUICK, "--storage", url, "--storage-timeout", "0.5",
+                         "--out", str(tmp_path / "sw")], capsys)
+    assert code == 1 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"dropkit sweep: storage {url} unreachable for 0.5 s (--storage-timeout)")
 
 
 # --- damaged checkpoints --------------------------------------------------------------------------
@@ -282,4 +291,4 @@ def test_debug_shows_the_traceback(capsys):
 def count_cases() -> dict[str, int]:
     """How many bad command lines each kind holds (the Hypothesis test adds its examples)."""
     return {"flag values": len(BAD_VALUES), "malformed": len(BAD_SHAPES), "settings": len(SETTINGS),
-            "data": 2 * len(DATA_CASES) + 1, "storage": 3, "checkpoints": 5}
+            "data": 2 * len(DATA_CASES) + 1, "storage": 4 + 2, "checkpoints": 5}
