@@ -128,8 +128,8 @@ def test_build_model_errors_name_the_problem():
 
 
 @pytest.mark.parametrize(("build", "message"), [
-    (lambda: build_model("srivastava_mlp", depth=0), "depth must be >= 1, got 0"),
-    (lambda: build_model("lstm", layers=0), "layers must be >= 1, got 0"),
+    (lambda: build_model("srivastava_mlp", depth=0), "depth must be an integer >= 1, got 0"),
+    (lambda: build_model("lstm", layers=0), "layers must be an integer >= 1, got 0"),
     (lambda: main_rate("mlp"), "unknown model 'mlp'.*tutorial_mlp"),
     (lambda: output_layer(nn.Sequential(nn.Flatten(), nn.ReLU())), "Sequential has no nn.Linear output layer"),
 ])

@@ -16,9 +16,11 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -65,51 +67,79 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
     The header is checked in full: the two leading zero bytes, a known type code, and a data
     length that is exactly the product of the declared dimensions times the item size (so a
     truncated download or a file with trailing bytes is refused rather than silently reshaped).
+    The data is read in chunks and never beyond what the header declares: a raw file's size is
+    checked before its data is read, and a compressed file stops decompressing at the first byte
+    past the declared length, so a small file that unpacks to gigabytes (a "gzip bomb") is refused
+    having used no more memory than its header claimed.
 
     Raises:
         FileNotFoundError: the file does not exist.
         ValueError: the file is not a well-formed IDX file; the message names the file.
     """
     path = Path(path)
-    raw = _read_bytes(path)
-    if len(raw) < 4:
-        raise ValueError(f"{path}: {len(raw)} bytes is too short for an IDX header (needs at least 4)")
-    if raw[0] != 0 or raw[1] != 0:
-        raise ValueError(f"{path}: bad magic number 0x{raw[:4].hex()}: an IDX file starts with two zero bytes")
-    code, ndim = raw[2], raw[3]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.suffix != ".gz":
+        with open(path, "rb") as handle:
+            return _parse_idx(handle, path, os.fstat(handle.fileno()).st_size)
+    try:
+        with gzip.open(path, "rb") as handle:
+            return _parse_idx(handle, path, None)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:  # a cut-off stream raises EOFError
+        raise ValueError(f"{path}: cannot decompress gzip data ({err})") from err
+
+
+#: bytes read (or decompressed) at a time
+READ_CHUNK = 1 << 20
+
+
+def _read_up_to(stream: BinaryIO, size: int) -> bytearray:
+    """At most ``size`` bytes of ``stream``, fewer at its end; read in chunks, so that memory
+    grows with the bytes actually there, not with ``size``."""
+    data = bytearray()
+    while len(data) < size:
+        chunk = stream.read(min(READ_CHUNK, size - len(data)))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _parse_idx(stream: BinaryIO, path: Path, file_size: int | None) -> torch.Tensor:
+    """The array of the IDX data in ``stream``; ``file_size`` (None for compressed data) lets a raw
+    file's length be checked before its data is read."""
+    head = _read_up_to(stream, 4)
+    if len(head) < 4:
+        raise ValueError(f"{path}: {len(head)} bytes is too short for an IDX header (needs at least 4)")
+    if head[0] != 0 or head[1] != 0:
+        raise ValueError(f"{path}: bad magic number 0x{bytes(head).hex()}: an IDX file starts with two zero bytes")
+    code, ndim = head[2], head[3]
     if code not in IDX_DTYPES:
         known = ", ".join(f"0x{c:02X}" for c in IDX_DTYPES)
         raise ValueError(f"{path}: unknown IDX type code 0x{code:02X} (known: {known})")
     if ndim == 0:
         raise ValueError(f"{path}: IDX header declares 0 dimensions")
     header_len = 4 + 4 * ndim
-    if len(raw) < header_len:
-        raise ValueError(f"{path}: truncated header: {ndim} dimensions need {header_len} bytes, file has {len(raw)}")
-    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    sizes = _read_up_to(stream, 4 * ndim)
+    if len(sizes) < 4 * ndim:
+        raise ValueError(f"{path}: truncated header: {ndim} dimensions need {header_len} bytes, "
+                         f"file has {4 + len(sizes)}")
+    shape = tuple(int(d) for d in np.frombuffer(sizes, dtype=">u4"))
     dtype = IDX_DTYPES[code]
     expected = math.prod(shape) * dtype.itemsize
-    found = len(raw) - header_len
-    if found != expected:
+    declared = f"header declares shape {shape} of {dtype.name} ({expected} data bytes)"
+    if file_size is not None and file_size - header_len != expected:
+        found = file_size - header_len
         problem = "truncated" if found < expected else "trailing bytes"
-        raise ValueError(
-            f"{path}: {problem}: header declares shape {shape} of {dtype.name} ({expected} data bytes), "
-            f"file holds {found} data bytes"
-        )
-    array = np.frombuffer(raw, dtype=dtype, offset=header_len).reshape(shape)
+        raise ValueError(f"{path}: {problem}: {declared}, file holds {found} data bytes")
+    raw = _read_up_to(stream, expected + 1)  # one byte more tells a longer stream from an exact one
+    if len(raw) < expected:
+        raise ValueError(f"{path}: truncated: {declared}, file holds {len(raw)} data bytes")
+    if len(raw) > expected:
+        raise ValueError(f"{path}: trailing bytes: {declared}, but the data goes on past them "
+                         f"(reading stopped there)")
+    array = np.frombuffer(raw, dtype=dtype).reshape(shape)
     return torch.from_numpy(array.astype(dtype.newbyteorder("="), copy=True))
-
-
-def _read_bytes(path: Path) -> bytes:
-    """The file's bytes, decompressed when the name ends in ``.gz``; errors name the file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    if path.suffix != ".gz":
-        return path.read_bytes()
-    try:
-        with gzip.open(path, "rb") as handle:
-            return handle.read()
-    except (OSError, EOFError) as err:  # BadGzipFile is an OSError; a cut-off stream raises EOFError
-        raise ValueError(f"{path}: cannot decompress gzip data ({err})") from err
 
 
 @dataclass(frozen=True)
@@ -141,10 +171,30 @@ class ImageDataset:
     train: Split
     test: Split
     source: Path
+    #: role (``train_images``, ``train_labels``, ``test_images``, ``test_labels``) -> the file read
+    files: dict[str, Path] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
         return int(max(self.train.labels.max(), self.test.labels.max())) + 1
+
+    def check_fits(self, image_size: tuple[int, int], num_classes: int, model: str = "the model") -> None:
+        """Refuse a dataset that ``model`` cannot take: images of another size, or labels outside
+        ``[0, num_classes)``; the error names the file.
+
+        Raises:
+            ValueError: naming the image or label file, what it holds and what the model takes.
+        """
+        for part, split in (("train", self.train), ("test", self.test)):
+            images = self.files.get(f"{part}_images", self.source)
+            labels = self.files.get(f"{part}_labels", self.source)
+            size = tuple(split.images.shape[1:])
+            if size != tuple(image_size):
+                raise ValueError(f"{images}: images are {'x'.join(map(str, size))} pixels but {model} takes "
+                                 f"{'x'.join(map(str, image_size))}")
+            if len(split) and int(split.labels.max()) >= num_classes:
+                raise ValueError(f"{labels}: label {int(split.labels.max())} is outside the {num_classes} classes "
+                                 f"(0-{num_classes - 1}) that {model} predicts")
 
 
 #: role -> (stem, IDX rank) of the four files; ``train-images-idx3-ubyte`` and friends
@@ -189,15 +239,27 @@ def load_idx_folder(path: str | os.PathLike, name: str | None = None) -> ImageDa
         train=Split(arrays["train_images"], arrays["train_labels"].long()),
         test=Split(arrays["test_images"], arrays["test_labels"].long()),
         source=folder,
+        files=files,
     )
 
 
+#: label types an IDX label file may hold: integers only (a float label would be truncated silently)
+LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32)
+
+
 def _check_pair(image_file: Path, images: torch.Tensor, label_file: Path, labels: torch.Tensor) -> None:
-    """Images are (N, H, W) uint8, labels are (N,), and the two N agree."""
+    """Images are (N, H, W) uint8, labels are (N,) non-negative integers, N > 0 and the two N agree."""
     if images.dim() != 3 or images.dtype != torch.uint8:
         raise ValueError(f"{image_file}: expected 3-D uint8 images, found {images.dim()}-D {images.dtype}")
     if labels.dim() != 1:
         raise ValueError(f"{label_file}: expected 1-D labels, found {labels.dim()}-D")
+    if labels.dtype not in LABEL_DTYPES:
+        raise ValueError(f"{label_file}: labels must be integers (IDX type 0x08, 0x09, 0x0B or 0x0C), "
+                         f"found {str(labels.dtype).removeprefix('torch.')}")
+    if len(labels) == 0:
+        raise ValueError(f"{label_file}: holds no labels (0 examples)")
+    if int(labels.min()) < 0:
+        raise ValueError(f"{label_file}: labels must be >= 0 (class numbers), found {int(labels.min())}")
     if images.shape[0] != labels.shape[0]:
         raise ValueError(
             f"{image_file} holds {images.shape[0]} images but {label_file} holds {labels.shape[0]} labels"

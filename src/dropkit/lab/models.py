@@ -29,6 +29,7 @@ __all__ = [
     "MODELS",
     "RowLSTM",
     "build_model",
+    "check_model_args",
     "cnn",
     "lstm",
     "main_rate",
@@ -181,33 +182,76 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], str]] = {
 }
 
 
-def build_model(name: str, p: float | None = None, **kwargs: Any) -> nn.Module:
-    """Build a registered model; ``p``, when given, sets its main dropout rate.
+def check_model_args(name: str, p: float | None = None, /, **kwargs: Any) -> dict[str, Any]:
+    """Check the arguments of ``build_model(name, p, **kwargs)`` without building; returns the
+    builder's keyword arguments (the main rate under its own name).
 
-    The main rate is the hidden-layer rate (``p_hidden`` for ``srivastava_mlp``, the dense head's
-    for ``cnn``, between LSTM layers for ``lstm``); the other rates are keyword arguments.
+    The builders here take four kinds of argument, told apart by their defaults: flags (bool),
+    sizes and counts (int, at least 1), dropout rates (float, in [0, 1]) and tuples of sizes.
+    A value of the wrong kind (``True`` for a size, ``"abc"`` for a rate) is refused like one out
+    of range. ``p`` may come positionally or as the keyword ``p``; the main rate may be given once.
+
+    Raises:
+        ValueError: naming the model, the argument and what it accepts.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
     builder, rate_arg = MODELS[name]
+    kwargs = dict(kwargs)
+    if "p" in kwargs and (rate_arg != "p" or p is not None):
+        given = kwargs.pop("p")
+        if p is not None:
+            raise ValueError(f"model {name!r}: the main dropout rate is given twice (p={p!r} and p={given!r})")
+        p = given
     if p is not None:
         if rate_arg in kwargs:
-            raise ValueError(f"model {name!r}: pass p or {rate_arg}, not both")
+            raise ValueError(f"model {name!r}: pass p or {rate_arg}, not both (both set the main dropout rate)")
         kwargs[rate_arg] = p
     accepted = inspect.signature(builder).parameters
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise ValueError(f"model {name!r} has no argument {', '.join(unknown)} (it takes: {', '.join(accepted)})")
-    return builder(**kwargs)
+    for arg, value in kwargs.items():
+        problem = _argument_problem(accepted[arg].default, value)
+        if problem:
+            raise ValueError(f"model {name!r}: {arg} must be {problem}, got {value!r}")
+    return kwargs
 
 
-def main_rate(name: str, p: float | None = None, **kwargs: Any) -> float:
+def _argument_problem(default: Any, value: Any) -> str | None:
+    """What ``value`` should be, judged by the kind of the argument's default; None when it is fine."""
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "True or False"
+    if isinstance(default, int):
+        return None if _is_size(value) else "an integer >= 1"
+    if isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+        return None if ok else "a dropout rate: a number in [0, 1]"
+    if isinstance(default, tuple):
+        ok = isinstance(value, (tuple, list)) and len(value) == len(default) and all(map(_is_size, value))
+        return None if ok else f"a tuple of {len(default)} integers >= 1"
+    return None
+
+
+def _is_size(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def build_model(name: str, p: float | None = None, /, **kwargs: Any) -> nn.Module:
+    """Build a registered model; ``p``, when given, sets its main dropout rate.
+
+    The main rate is the hidden-layer rate (``p_hidden`` for ``srivastava_mlp``, the dense head's
+    for ``cnn``, between LSTM layers for ``lstm``); the other rates are keyword arguments. Every
+    argument is checked first (see :func:`check_model_args`).
+    """
+    kwargs = check_model_args(name, p, **kwargs)
+    return MODELS[name][0](**kwargs)
+
+
+def main_rate(name: str, p: float | None = None, /, **kwargs: Any) -> float:
     """The main dropout rate that ``build_model(name, p, **kwargs)`` gives the model (its default if unset)."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
+    kwargs = check_model_args(name, p, **kwargs)
     builder, rate_arg = MODELS[name]
-    if p is not None:
-        return p
     return kwargs.get(rate_arg, inspect.signature(builder).parameters[rate_arg].default)
 
 

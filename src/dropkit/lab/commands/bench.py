@@ -17,8 +17,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     which = parser.add_subparsers(dest="benchmark", required=True)
     kernels = which.add_parser("kernels", help="forward and forward+backward of dropout vs copy and torch")
-    kernels.add_argument("--sizes", type=int, nargs="+", default=list(bench.DEFAULT_LOG2_SIZES), metavar="LOG2",
-                         help="input sizes as powers of two (default: %(default)s)")
+    kernels.add_argument("--sizes", type=int_at_least(0, 30), nargs="+", default=list(bench.DEFAULT_LOG2_SIZES),
+                         metavar="LOG2", help="input sizes as powers of two, each in [0, 30] (default: %(default)s)")
     kernels.add_argument("--dtypes", nargs="+", default=list(bench.DEFAULT_DTYPES),
                          choices=["float32", "float64", "bfloat16", "float16"],
                          help="input dtypes (default: %(default)s)")
@@ -47,8 +47,6 @@ def _add_rate_bits(parser: argparse.ArgumentParser) -> None:
 
 def run_kernels(args: argparse.Namespace) -> int:
     rng.set_rate_bits(args.rate_bits)
-    if any(not 0 <= k <= 30 for k in args.sizes):
-        raise ValueError(f"--sizes are powers of two in [0, 30], got {args.sizes}")
     return bench.emit_json(bench.bench_kernels(tuple(args.dtypes), tuple(args.sizes), tuple(args.p), args.repeats),
                            args.out)
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from dropkit import nn as dnn
 from dropkit.lab.bench import emit_json, environment
-from dropkit.lab.commands.options import OPEN_RATE, description, int_at_least
+from dropkit.lab.commands.options import LEARNING_RATE, OPEN_RATE, description, float_in, int_at_least
 from dropkit.structured import WEIGHT_GRADS, StructuredLinearStack
 
 IN_FEATURES = 784
@@ -176,8 +176,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int_at_least(1), default=7, help="timed rounds; the median is reported")
     parser.add_argument("--warmup", type=int_at_least(0), default=2,
                         help="untimed rounds before the timed ones (default %(default)s)")
-    parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate of the steps (default %(default)s)")
-    parser.add_argument("--momentum", type=float, default=0.0, help="SGD momentum of the steps (default %(default)s)")
+    parser.add_argument("--lr", type=LEARNING_RATE, default=0.01,
+                        help="SGD learning rate of the steps, in (0, 1000] (default %(default)s)")
+    parser.add_argument("--momentum", type=float_in(0, 1, high_open=True), default=0.0,
+                        help="SGD momentum of the steps, in [0, 1) (default %(default)s)")
     parser.add_argument("--threads", type=int_at_least(0), default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--weight-grad", choices=WEIGHT_GRADS, default="auto",
                         help="how the structured variants form weight gradients (default %(default)s)")

@@ -4,12 +4,14 @@ report that states a difference only where it exceeds the noise between seeds.""
 from __future__ import annotations
 
 import argparse
+import math
 
 from dropkit import kernels
-
+from dropkit.lab import run_lock
 from dropkit.lab.commands.options import add_run_options, config_from_args, float_in, int_at_least
-from dropkit.lab.compare import REGULARISERS, p_settings, reg_settings, run_settings, summarise
+from dropkit.lab.compare import REGULARISERS, Setting, p_settings, reg_settings, run_settings, summarise
 from dropkit.lab.report import write_report
+from dropkit.lab.train import TrainConfig
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -21,9 +23,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     settings = parser.add_mutually_exclusive_group(required=True)
     settings.add_argument("--p", type=float_in(0, 1), nargs="+", help="main dropout rates to compare, each in [0, 1]")
     settings.add_argument("--reg", nargs="+", choices=REGULARISERS, help="regularisers to compare")
-    parser.add_argument("--dropout-p", type=float, default=0.5, help="main rate of the --reg dropout settings")
-    parser.add_argument("--l2", type=float, default=5e-4, help="weight decay of the --reg l2 setting")
-    parser.add_argument("--max-norm-c", type=float, default=3.0, help="max-norm bound of the --reg maxnorm settings")
+    parser.add_argument("--dropout-p", type=float_in(0, 1), default=0.5, help="main rate of the --reg dropout settings")
+    parser.add_argument("--l2", type=float_in(0, math.inf, high_open=True), default=5e-4,
+                        help="weight decay of the --reg l2 setting")
+    parser.add_argument("--max-norm-c", type=float_in(0, math.inf, low_open=True, high_open=True), default=3.0,
+                        help="max-norm bound of the --reg maxnorm settings")
     parser.add_argument("--seeds", type=int_at_least(1), default=3,
                         help="runs per setting, with seeds --seed, --seed + 1, ...; the report gives mean and spread "
                              "and calls a difference real only beyond that spread (default %(default)s)")
@@ -44,6 +48,12 @@ def run(args: argparse.Namespace) -> int:
         settings = p_settings(args.p)
     else:
         settings = reg_settings(args.model, args.reg, p=args.dropout_p, l2=args.l2, max_norm=args.max_norm_c)
+    with run_lock.hold(args.out):
+        return _compare(args, base, settings)
+
+
+def _compare(args: argparse.Namespace, base: TrainConfig, settings: list[Setting]) -> int:
+    """Train the settings into the locked ``--out`` folder, then write and print the report."""
     print(f"dropkit compare: {len(settings)} settings x {args.seeds} seeds x {base.epochs} epochs of {base.model} "
           f"on {base.dataset}", flush=True)
     warmup = kernels.warmup()

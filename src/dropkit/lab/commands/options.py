@@ -15,8 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 from dropkit.lab.data import DATASETS
-from dropkit.lab.models import MODELS
-from dropkit.lab.train import INPUTS, OPTIMIZERS, SCHEDULES, TrainConfig
+from dropkit.lab.models import MODELS, check_model_args
+from dropkit.lab.train import INPUTS, OPTIMIZERS, SCHEDULES, TrainConfig, model_p
 
 
 def description(doc: str) -> str:
@@ -48,20 +48,27 @@ def float_in(low: float, high: float, *, low_open: bool = False, high_open: bool
     return parse
 
 
-def int_at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``low``."""
+def int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low`` (and <= ``high`` when given)."""
+    interval = f">= {low}" if high is None else f"in [{low}, {high}]"
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text}")
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be an integer {interval}, got {text}")
         return value
 
     return parse
 
+
+#: the largest learning rate accepted: far beyond any that trains (training stops with an error
+#: when the loss diverges), but it refuses values such as 1e308 before any work is done
+MAX_LR = 1e3
+#: a learning rate: > 0 and at most MAX_LR
+LEARNING_RATE = float_in(0, MAX_LR, low_open=True)
 
 #: a drop rate with something to drop and something kept: strictly between 0 and 1 (the benchmarks' ``--p``)
 OPEN_RATE = float_in(0, 1, low_open=True, high_open=True)
@@ -89,8 +96,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer,
                      help="optimiser; nesterov is SGD with Nesterov momentum (default %(default)s)")
-    opt.add_argument("--lr", type=float_in(0, math.inf, low_open=True, high_open=True), default=defaults.lr,
-                     help="learning rate, > 0 (default %(default)g)")
+    opt.add_argument("--lr", type=LEARNING_RATE, default=defaults.lr,
+                     help=f"learning rate in (0, {MAX_LR:g}] (default %(default)g)")
     opt.add_argument("--momentum", type=float_in(0, 1, high_open=True), default=defaults.momentum,
                      help="SGD momentum in [0, 1) (default %(default)g)")
     opt.add_argument("--momentum-ramp", type=int_at_least(0), default=defaults.momentum_ramp, metavar="EPOCHS",
@@ -143,4 +150,8 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
     for name, value in overrides.items():
         setattr(config, name, value)
     config.validate()
+    try:
+        check_model_args(config.model, model_p(config), **config.model_kwargs)
+    except ValueError as err:
+        raise ValueError(f"--model-arg: {err}") from None
     return config

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import optuna
 
+from dropkit.lab import run_lock
 from dropkit.lab.commands.options import add_run_options, config_from_args, description, float_in, int_at_least
 from dropkit.lab.storage import DEFAULT_TIMEOUT, StorageUnreachable
 from dropkit.lab.sweep import PLOT_FILE, PRUNERS, SUMMARY_FILE, DataParallelTrain, SweepConfig, format_table, run_sweep
@@ -110,6 +111,7 @@ def sweep_config(args: argparse.Namespace) -> SweepConfig:
 def run(args: argparse.Namespace) -> int:
     """Run the sweep, print the table and the winner; exit 1 while the study is incomplete."""
     cfg = sweep_config(args)
+    run_lock.prepare_folder(cfg.out_dir)
     if cfg.workers > 1 and (cfg.storage or "").startswith("sqlite"):
         print("warning: SQLite is unreliable with several writers (optuna#4002); "
               "the default journal file is the safe local choice", flush=True)

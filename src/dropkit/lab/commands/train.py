@@ -18,15 +18,15 @@ import dataclasses
 import json
 import statistics
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from dropkit import kernels
-from dropkit.lab import distributed
+from dropkit.lab import distributed, run_lock
 from dropkit.lab.commands.options import add_run_options, config_from_args, description, float_in, int_at_least
 from dropkit.lab.models import main_rate
 from dropkit.lab.stats import estimate, steady_epoch_seconds
 from dropkit.lab.train import DROP_SCHEDULES, TrainConfig, train
-
 
 RATE_MODES = ("auto", "concrete")
 
@@ -142,13 +142,22 @@ def run(args: argparse.Namespace) -> int:
     """Train one run per rate, print the table, and write summary.json when ``--out`` is given.
 
     With ``--nproc N`` the runs are trained by N worker processes; inside a job that ``torchrun``
-    started (e.g. across machines) this process is one of its ranks and joins the others.
+    started (e.g. across machines) this process is one of its ranks and joins the others. The
+    ``--out`` folder is locked for the whole command (by rank 0 of a ``torchrun`` job: each run's
+    own folder), so a second command into it is refused.
     """
     if args.resume and args.out is None:
         raise ValueError("--resume needs --out DIR, the folder of the runs to continue")
     if len(set(args.p)) < len(args.p):
         raise ValueError(f"--p values must differ (each is one run), got {' '.join(str(p) for p in args.p)}")
     configs = _configs(args)
+    locked = args.out is not None and not distributed.launched_by_torchrun()
+    with run_lock.hold(args.out) if locked else nullcontext():
+        return _run(args, configs)
+
+
+def _run(args: argparse.Namespace, configs: list[TrainConfig]) -> int:
+    """Train the runs (here, in worker processes or as one rank) and print and write their table."""
     if distributed.launched_by_torchrun():
         distributed.share_cores()
         with distributed.process_group():

@@ -1,5 +1,8 @@
 """A run's checkpoint: everything a resumed run needs, written atomically after every epoch.
 
+Files are sealed with checksums and the last two kept (:mod:`dropkit.lab.checkpoints`), so a
+damaged newest checkpoint is named and the run resumes from the one before it.
+
 The file holds the config, the epochs done and their metrics, the model, optimiser and
 learning-rate scheduler, the batch-shuffling generator, the rate controller's state and the
 weight average. torch's global generator is not saved: the loop reseeds it from (seed, rank,
@@ -16,13 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from dropkit.lab.atomic_files import atomic_write
+from dropkit.lab import checkpoints
+from dropkit.lab.checkpoints import CHECKPOINT
 from dropkit.lab.train.averaging import WeightAverage
 from dropkit.lab.train.config import TrainConfig, check_resumable
 
-__all__ = ["CHECKPOINT", "RunState", "load_checkpoint", "save_checkpoint"]
-
-CHECKPOINT = "checkpoint.pt"
+__all__ = ["CHECKPOINT", "RunState", "clear_checkpoints", "load_checkpoint", "save_checkpoint"]
 
 
 @dataclass
@@ -38,8 +40,8 @@ class RunState:
     average: WeightAverage | None = None
 
 
-def save_checkpoint(path: Path, config: TrainConfig, run: RunState, history: list[dict[str, Any]]) -> None:
-    """Write ``run``'s state after ``len(history)`` epochs to ``path``, atomically."""
+def save_checkpoint(folder: Path, config: TrainConfig, run: RunState, history: list[dict[str, Any]]) -> None:
+    """Write ``run``'s state after ``len(history)`` epochs as ``folder``'s newest checkpoint, atomically."""
     state = {
         "config": config.to_dict(),
         "epoch": len(history),
@@ -51,16 +53,25 @@ def save_checkpoint(path: Path, config: TrainConfig, run: RunState, history: lis
         "average": run.average.state_dict() if run.average is not None else None,
         "history": history,
     }
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    checkpoints.save(folder, state)
 
 
-def load_checkpoint(path: Path, config: TrainConfig, run: RunState) -> list[dict[str, Any]]:
-    """Restore ``run`` from ``path`` (refusing a checkpoint made with other settings, see
-    :func:`~dropkit.lab.train.config.check_resumable`); returns the metrics of the epochs done."""
-    try:
-        state = torch.load(path, weights_only=True)
-    except (RuntimeError, EOFError, OSError) as err:
-        raise ValueError(f"cannot resume: {path} is not a readable checkpoint ({err})") from err
+def clear_checkpoints(folder: Path) -> None:
+    """Remove ``folder``'s checkpoints: a fresh run never falls back to the run it overwrites."""
+    checkpoints.clear(folder)
+
+
+def load_checkpoint(folder: Path, config: TrainConfig, run: RunState) -> list[dict[str, Any]]:
+    """Restore ``run`` from ``folder``'s newest good checkpoint (refusing one made with other
+    settings, see :func:`~dropkit.lab.train.config.check_resumable`); returns the metrics of the
+    epochs done, none when the folder holds no checkpoint.
+
+    Raises:
+        dropkit.lab.checkpoints.CheckpointError: every checkpoint in the folder is damaged.
+    """
+    state = checkpoints.load_latest(folder)
+    if state is None:
+        return []
     check_resumable(state["config"], state["epoch"], config)
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])

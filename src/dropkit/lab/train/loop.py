@@ -36,7 +36,7 @@ from dropkit.concrete import (
     to_concrete,
 )
 from dropkit.convert import fuse_relu_dropout
-from dropkit.lab import distributed
+from dropkit.lab import distributed, run_lock
 from dropkit.lab.atomic_files import atomic_write_text
 from dropkit.lab.data import (
     BatchIterator,
@@ -45,12 +45,13 @@ from dropkit.lab.data import (
     normalise,
     split_validation,
 )
-from dropkit.lab.models import build_model, main_rate
+from dropkit.lab.models import IMAGE_SIDE, NUM_CLASSES, build_model, main_rate
 from dropkit.lab.stats import steady_epoch_seconds
 from dropkit.lab.train.averaging import WeightAverage
 from dropkit.lab.train.checkpoint import (
     CHECKPOINT,
     RunState,
+    clear_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
@@ -60,6 +61,7 @@ from dropkit.lab.train.metrics import (
     TRAIN_EVAL_SIZE,
     SavedForBackward,
     append_metrics,
+    check_finite,
     epoch_row,
     evaluate_all,
     write_metrics,
@@ -141,6 +143,7 @@ def load_splits(
     :data:`~dropkit.lab.train.config.INPUTS`.
     """
     ds = load_dataset(dataset, data_dir)
+    ds.check_fits((IMAGE_SIDE, IMAGE_SIDE), NUM_CLASSES, "the lab's models")
     train_part, val = split_validation(ds.train, val_size, seed=VAL_SPLIT_SEED)
     return normalise(train_part.head(limit_train), val, ds.test.head(limit_test), standardise=inputs == "standard")
 
@@ -199,8 +202,11 @@ def train(
     """Train ``config.model`` on ``config.dataset``; write metrics and checkpoints to ``out_dir`` if given.
 
     With ``resume=True`` a run continues from ``out_dir``'s checkpoint (a fresh start when there is
-    none) and ends with the same figures as an uninterrupted run. Without it, ``out_dir`` is
-    overwritten. The progress bar goes to stderr, and only when it is a terminal and not ``quiet``.
+    none; the previous one when the newest is damaged, see :mod:`dropkit.lab.checkpoints`) and
+    ends with the same figures as an uninterrupted run. Without it, ``out_dir`` is overwritten.
+    The run holds ``out_dir``'s lock (:mod:`dropkit.lab.run_lock`) throughout, so a second run
+    into it is refused. A run whose training loss stops being a number is stopped with an error.
+    The progress bar goes to stderr, and only when it is a terminal and not ``quiet``.
 
     ``callbacks`` run at every step and epoch, after the rate schedule or controller the config
     asks for (see :mod:`dropkit.lab.train.hooks`); one may end the run after an epoch, which then
@@ -208,14 +214,22 @@ def train(
 
     Inside a distributed run (see :mod:`dropkit.lab.distributed`) the model is wrapped in
     DistributedDataParallel, each rank trains on its slice of every global batch with its own
-    masks, metrics are reduced over the ranks, and only rank 0 prints and writes files; every rank
-    reads the checkpoint when resuming.
+    masks, metrics are reduced over the ranks, and only rank 0 prints, writes files and holds the
+    lock; every rank reads the checkpoint when resuming.
 
     Example::
 
         result = train(TrainConfig(model="srivastava_mlp", p=0.5, epochs=3), "runs/p=0.5")
         result.final["test_acc"]
     """
+    with run_lock.hold(out_dir) if out_dir is not None and distributed.is_main() else nullcontext():
+        return _train(config, out_dir, resume=resume, quiet=quiet, callbacks=callbacks)
+
+
+def _train(
+    config: TrainConfig, out_dir: str | os.PathLike | None, *, resume: bool, quiet: bool, callbacks: Sequence[Any]
+) -> TrainResult:
+    """:func:`train`, with ``out_dir`` locked."""
     config.validate()
     if resume and out_dir is None:
         raise ValueError("resume needs an output folder (out_dir) holding the run's checkpoint")
@@ -243,8 +257,10 @@ def train(
     out = Path(out_dir) if out_dir is not None else None
 
     if out is not None:
-        if resume and (out / CHECKPOINT).exists():
-            history = load_checkpoint(out / CHECKPOINT, config, run)
+        if resume:
+            history = load_checkpoint(out, config, run)
+        elif main:
+            clear_checkpoints(out)
         if main:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
@@ -279,11 +295,12 @@ def train(
             averaged = run.average.update(model, epoch, score)
             row["eval_seconds"] += averaged.pop("eval_seconds", 0.0)
             row.update(averaged)
+        check_finite(epoch, row, config.optimizer, config.lr)
         history.append(row)
         hooks.call("on_epoch_end", model, epoch - 1, row)
         if out is not None and main:
             append_metrics(out, row)
-            save_checkpoint(out / CHECKPOINT, config, run, history)
+            save_checkpoint(out, config, run, history)
             hooks.call("on_checkpoint", out / CHECKPOINT, epoch - 1)
         if distributed.all_reduce_sum([float(hooks.stop_requested)])[0] > 0:
             break

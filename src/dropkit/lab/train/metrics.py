@@ -27,6 +27,7 @@ Every epoch :func:`dropkit.lab.train.train` records one row, also appended to ``
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import sys
@@ -49,6 +50,7 @@ __all__ = [
     "TRAIN_EVAL_SIZE",
     "SavedForBackward",
     "append_metrics",
+    "check_finite",
     "epoch_row",
     "evaluate",
     "evaluate_all",
@@ -116,6 +118,18 @@ def evaluate_all(model: nn.Module, train_part: Split, val: Split, test: Split) -
     test_loss, test_acc = evaluate(model, test)
     return {"train_eval_loss": train_loss, "train_eval_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
             "test_loss": test_loss, "test_acc": test_acc, "eval_seconds": time.perf_counter() - start}
+
+
+def check_finite(epoch: int, row: dict[str, Any], optimizer: str, lr: float) -> None:
+    """Stop a run whose training loss is no longer a number (NaN or infinite): it has diverged,
+    and every later figure would be meaningless.
+
+    Raises:
+        ValueError: naming the epoch, the loss, the optimiser and the learning rate.
+    """
+    if not math.isfinite(row["train_loss"]):
+        raise ValueError(f"training diverged in epoch {epoch}: the training loss is {row['train_loss']} "
+                         f"(optimizer {optimizer}, lr {lr:g}; a smaller lr usually trains)")
 
 
 def epoch_row(
