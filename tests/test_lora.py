@@ -102,7 +102,7 @@ def test_bad_arguments_name_what_they_accept():
 
 def test_modules():
     layer = DropoutLinear(16, 4, bias=True, p=0.2, seed=5)
-    assert list(layer.state_dict()) == ["weight", "bias"]
+    assert list(layer.state_dict()) == ["weight", "bias", "generator_state"]  # seeded: its generator too
     assert repr(layer) == "DropoutLinear(in_features=16, out_features=4, bias=True, p=0.2, seed=5)"
     x = torch.randn(2, 16)
     layer.eval()

@@ -95,7 +95,7 @@ def test_eval_and_zero_rate_are_the_plain_residual_and_p1_skips_the_branch():
 
 def test_module_modes_state_dict_and_repr():
     block = DropPathResidual(nn.Linear(4, 4), 0.25, seed=3)
-    assert list(block.state_dict()) == ["branch.weight", "branch.bias"]
+    assert list(block.state_dict()) == ["generator_state", "branch.weight", "branch.bias"]  # seeded: its generator too
     assert repr(block).startswith("DropPathResidual(\n  p=0.25, seed=3")
     x = torch.randn(6, 4)
     block.eval()

@@ -12,6 +12,7 @@ from torch._dynamo.utils import counters
 import dropkit
 from dropkit import functional as DF
 from dropkit import nn as dnn
+from dropkit.lora import DropoutLinear
 
 #: the layers, each built at rate p
 LAYERS = {
@@ -137,8 +138,14 @@ def test_vmap_draws_the_masks_the_kernels_draw_and_differentiates():
 
 # --- seeded layers' random state ----------------------------------------------------------------------
 
+def _seeded_dropout_linear() -> DropoutLinear:
+    torch.manual_seed(0)  # the same weights in the layer and its resumed copy
+    return DropoutLinear(6, 3, p=0.5, seed=7)
+
+
 @pytest.mark.parametrize("make", [lambda: dnn.Dropout(0.5, seed=7), lambda: dnn.DropPath(0.5, seed=7),
-                                  lambda: dnn.DropBlock2d(0.3, 2, seed=7), lambda: dnn.Dropout2d(0.5, seed=7)])
+                                  lambda: dnn.DropBlock2d(0.3, 2, seed=7), lambda: dnn.Dropout2d(0.5, seed=7),
+                                  lambda: dnn.DropPathResidual(nn.Identity(), 0.5, seed=7), _seeded_dropout_linear])
 def test_seeded_layer_state_dict_resumes_the_mask_sequence(make):
     x = torch.ones(8, 4, 6, 6)
     layer = make()

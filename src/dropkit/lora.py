@@ -32,6 +32,7 @@ from torch import nn
 
 from dropkit import ops, rng
 from dropkit.functional import check_p
+from dropkit.seeded import SeededRate
 
 __all__ = ["DropoutLinear", "LoRADropout", "convert_peft_lora", "dropout_linear", "lora_dropout"]
 
@@ -145,7 +146,7 @@ def lora_dropout(
     return F.linear(h, lora_b, lora_b_bias) * scaling
 
 
-class DropoutLinear(nn.Linear):
+class DropoutLinear(SeededRate, nn.Linear):
     """An ``nn.Linear`` whose input is dropped with rate ``p`` in training (:func:`dropout_linear`):
     ``F.linear(dropout(x), weight) + bias`` keeping ``x`` and a seed for backward, not the dropped
     input. In eval mode it is the plain ``nn.Linear``. Its parameters and ``state_dict`` keys are
@@ -154,7 +155,7 @@ class DropoutLinear(nn.Linear):
     Args:
         in_features, out_features, bias, device, dtype: as for ``nn.Linear``.
         p: drop probability of the input's elements, in [0, 1]; may be changed between steps.
-        seed: seeds this layer's own generator (otherwise torch's global one is used).
+        seed: seeds this layer's own generator, saved in ``state_dict`` (otherwise torch's global one is used).
 
     Shape: ``(*, in_features)`` -> ``(*, out_features)``.
 
@@ -166,28 +167,14 @@ class DropoutLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  p: float = 0.1, seed: int | None = None) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
-        self.p = p
-        self.seed = seed
-        self.generator: torch.Generator | None = None
-        if seed is not None:
-            rng.check_seed(seed)
-            self.generator = torch.Generator().manual_seed(seed)
-
-    @property
-    def p(self) -> float:
-        return self._p
-
-    @p.setter
-    def p(self, value: float) -> None:
-        self._p = check_p(value)
+        self._init_rate_and_seed(p, seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = dropout_linear(x, self.weight, self.p, training=self.training, generator=self.generator)
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
-        text = f"{super().extra_repr()}, p={self.p}"
-        return text if self.seed is None else f"{text}, seed={self.seed}"
+        return self._seed_repr(f"{super().extra_repr()}, p={self.p}")
 
 
 class LoRADropout(nn.Module):

@@ -16,13 +16,13 @@ generator, which ``dropkit.manual_seed`` seeds.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 
 from dropkit import functional as DF
-from dropkit.rng import check_seed
+from dropkit.seeded import SeededRate
 from dropkit.residual import DropPathResidual  # noqa: F401  (re-exported: the residual-block form of DropPath)
 
 __all__ = [
@@ -41,17 +41,13 @@ __all__ = [
     "WeightDropout",
 ]
 
-#: the ``state_dict`` key (after the layer's prefix) of a seeded layer's generator state
-GENERATOR_STATE = "generator_state"
-
-
 def _check_bool(value: bool, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}")
     return value
 
 
-class DropoutLayer(nn.Module):
+class DropoutLayer(SeededRate, nn.Module):
     """Common settings of the dropout layers: the rate ``p``, ``inplace`` and the random source.
 
     Args:
@@ -62,48 +58,14 @@ class DropoutLayer(nn.Module):
 
     def __init__(self, p: float = 0.5, inplace: bool = False, *, seed: int | None = None) -> None:
         super().__init__()
-        self.p = p
+        self._init_rate_and_seed(p, seed)
         self.inplace = _check_bool(inplace, "inplace")
-        self.seed = seed
-        self.generator: torch.Generator | None = None
-        if seed is not None:
-            check_seed(seed)
-            self.generator = torch.Generator().manual_seed(seed)
-
-    @property
-    def p(self) -> float:
-        return self._p
-
-    @p.setter
-    def p(self, value: float) -> None:
-        self._p = DF.check_p(value)
-
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.generator is not None:
-            destination[prefix + GENERATOR_STATE] = self.generator.get_state()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
-        key = prefix + GENERATOR_STATE
-        if self.generator is not None:
-            if key in state_dict:
-                state = state_dict.pop(key)
-                if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8:
-                    error_msgs.append(f"{key}: expected a uint8 tensor (torch.Generator.get_state()), "
-                                      f"got {type(state).__name__}")
-                else:
-                    self.generator.set_state(state.cpu())
-            elif strict:
-                missing_keys.append(key)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
 
     def extra_repr(self) -> str:
         text = f"p={self.p}"
         if self.inplace:
             text += ", inplace=True"
-        return text if self.seed is None else f"{text}, seed={self.seed}"
+        return self._seed_repr(text)
 
 
 def _check_mask_shape(mask_shape: Sequence[int | None] | None) -> tuple[int | None, ...] | None:

@@ -49,6 +49,7 @@ from torch import nn
 
 from dropkit import kernels, rng
 from dropkit.functional import check_p
+from dropkit.seeded import SeededRate
 
 __all__ = ["DEFAULT_BUCKETS", "DropPathResidual", "bucket_size", "drop_path_residual", "rewire_residual_blocks"]
 
@@ -148,7 +149,7 @@ def drop_path_residual(
     return x.index_add(0, rows, out * weights.view((-1,) + (1,) * (out.dim() - 1)))
 
 
-class DropPathResidual(nn.Module):
+class DropPathResidual(SeededRate, nn.Module):
     """A residual block with stochastic depth, ``x + drop_path(branch(x))``, that runs ``branch``
     only on the samples it keeps (:func:`drop_path_residual`): a rate ``p`` skips a fraction ``p``
     of the branch's work, with the outputs and gradients of the dense composition for the same kept
@@ -162,7 +163,7 @@ class DropPathResidual(nn.Module):
         branch: the residual branch, mapping ``(k, ...)`` to ``(k, ...)`` of the input's shape.
         p: drop probability per sample, in [0, 1]; may be changed between steps.
         scale_by_keep: scale the kept branches by ``1 / (1 - p)``.
-        seed: seeds this layer's own generator (otherwise torch's global one is used).
+        seed: seeds this layer's own generator, saved in ``state_dict`` (otherwise torch's global one is used).
         buckets: padded row counts under ``torch.compile``.
 
     Shape: ``(N, *)`` in and out.
@@ -178,22 +179,9 @@ class DropPathResidual(nn.Module):
         if not isinstance(branch, nn.Module):
             raise TypeError(f"branch must be an nn.Module, got {type(branch).__name__}")
         self.branch = branch
-        self.p = p
+        self._init_rate_and_seed(p, seed)
         self.scale_by_keep = scale_by_keep
         self.buckets = _check_buckets(buckets)
-        self.seed = seed
-        self.generator: torch.Generator | None = None
-        if seed is not None:
-            rng.check_seed(seed)
-            self.generator = torch.Generator().manual_seed(seed)
-
-    @property
-    def p(self) -> float:
-        return self._p
-
-    @p.setter
-    def p(self, value: float) -> None:
-        self._p = check_p(value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return drop_path_residual(x, self.branch, self.p, training=self.training, scale_by_keep=self.scale_by_keep,
@@ -203,7 +191,7 @@ class DropPathResidual(nn.Module):
         text = f"p={self.p}"
         if not self.scale_by_keep:
             text += ", scale_by_keep=False"
-        return text if self.seed is None else f"{text}, seed={self.seed}"
+        return self._seed_repr(text)
 
 
 # --- rewiring the residual blocks of timm and torchvision models -------------------------------------
