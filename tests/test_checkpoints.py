@@ -1,4 +1,4 @@
-"""dropkit.lab.checkpoints: a damaged checkpoint is named and never trained on; the previous one
+"""dropkit.lab.sealed_files: a damaged checkpoint is named and never trained on; the previous one
 is resumed from, to the uninterrupted run's figures; with none left the run stops with an error."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import dataclasses
 import pytest
 import torch
 
-from dropkit.lab import checkpoints
-from dropkit.lab.checkpoints import CHECKPOINT, PREVIOUS, CheckpointError, checksum
+from dropkit.lab import sealed_files
+from dropkit.lab.sealed_files import CHECKPOINT, PREVIOUS, CheckpointError, checksum
 from dropkit.lab.cli import main
 from dropkit.lab.train import TrainConfig, iter_metrics, train
 
@@ -52,7 +52,7 @@ def test_a_flipped_byte_is_detected_and_named(tmp_path):
     _two_epochs(tmp_path)
     flip_weight_byte(tmp_path / CHECKPOINT)
     with pytest.raises(CheckpointError, match=f"{tmp_path / CHECKPOINT}: damaged checkpoint: its contents"):
-        checkpoints.load(tmp_path / CHECKPOINT)
+        sealed_files.load(tmp_path / CHECKPOINT)
 
 
 def test_a_damaged_checkpoint_resumes_from_the_previous_one_to_the_same_figures(tmp_path, straight, capsys):
@@ -73,7 +73,7 @@ def test_a_changed_config_inside_a_checkpoint_is_detected(tmp_path):
     state["config"]["lr"] = 0.5  # edited without resealing
     torch.save(state, tmp_path / CHECKPOINT)
     with pytest.raises(CheckpointError, match="its config does not match its config checksum"):
-        checkpoints.load(tmp_path / CHECKPOINT)
+        sealed_files.load(tmp_path / CHECKPOINT)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "not a checkpoint"])
@@ -117,7 +117,7 @@ def test_a_fresh_run_clears_the_checkpoints_of_the_run_it_overwrites(tmp_path):
     _two_epochs(tmp_path)
     train(dataclasses.replace(SMALL, epochs=1, seed=5), tmp_path, quiet=True)
     assert not (tmp_path / PREVIOUS).exists()  # epoch 1 of the old run would otherwise be kept as "previous"
-    assert checkpoints.load(tmp_path / CHECKPOINT)["config"]["seed"] == 5
+    assert sealed_files.load(tmp_path / CHECKPOINT)["config"]["seed"] == 5
 
 
 def test_checksum_follows_contents_not_order():

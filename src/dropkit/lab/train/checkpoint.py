@@ -1,6 +1,6 @@
 """A run's checkpoint: everything a resumed run needs, written atomically after every epoch.
 
-Files are sealed with checksums and the last two kept (:mod:`dropkit.lab.checkpoints`), so a
+Files are sealed with checksums and the last two kept (:mod:`dropkit.lab.sealed_files`), so a
 damaged newest checkpoint is named and the run resumes from the one before it.
 
 The file holds the config, the epochs done and their metrics, the model, optimiser and
@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dropkit.lab import checkpoints
-from dropkit.lab.checkpoints import CHECKPOINT
+from dropkit.lab import sealed_files
+from dropkit.lab.sealed_files import CHECKPOINT
 from dropkit.lab.train.averaging import WeightAverage
 from dropkit.lab.train.config import TrainConfig, check_resumable
 
@@ -53,12 +53,12 @@ def save_checkpoint(folder: Path, config: TrainConfig, run: RunState, history: l
         "average": run.average.state_dict() if run.average is not None else None,
         "history": history,
     }
-    checkpoints.save(folder, state)
+    sealed_files.save(folder, state)
 
 
 def clear_checkpoints(folder: Path) -> None:
     """Remove ``folder``'s checkpoints: a fresh run never falls back to the run it overwrites."""
-    checkpoints.clear(folder)
+    sealed_files.clear(folder)
 
 
 def load_checkpoint(folder: Path, config: TrainConfig, run: RunState) -> list[dict[str, Any]]:
@@ -67,9 +67,9 @@ def load_checkpoint(folder: Path, config: TrainConfig, run: RunState) -> list[di
     epochs done, none when the folder holds no checkpoint.
 
     Raises:
-        dropkit.lab.checkpoints.CheckpointError: every checkpoint in the folder is damaged.
+        dropkit.lab.sealed_files.CheckpointError: every checkpoint in the folder is damaged.
     """
-    state = checkpoints.load_latest(folder)
+    state = sealed_files.load_latest(folder)
     if state is None:
         return []
     check_resumable(state["config"], state["epoch"], config)

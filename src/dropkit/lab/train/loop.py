@@ -202,7 +202,7 @@ def train(
     """Train ``config.model`` on ``config.dataset``; write metrics and checkpoints to ``out_dir`` if given.
 
     With ``resume=True`` a run continues from ``out_dir``'s checkpoint (a fresh start when there is
-    none; the previous one when the newest is damaged, see :mod:`dropkit.lab.checkpoints`) and
+    none; the previous one when the newest is damaged, see :mod:`dropkit.lab.sealed_files`) and
     ends with the same figures as an uninterrupted run. Without it, ``out_dir`` is overwritten.
     The run holds ``out_dir``'s lock (:mod:`dropkit.lab.run_lock`) throughout, so a second run
     into it is refused. A run whose training loss stops being a number is stopped with an error.
