@@ -80,7 +80,9 @@ def _bars(labels: list[str], values: list[float], spreads: list[float | None], y
 
 def accuracy_against_p(rows: list[dict[str, Any]]) -> str | None:
     """Train, validation and test accuracy against p (mean over seeds, one spread as error bar),
-    when the settings hold three rates or more (None otherwise)."""
+    when the settings hold three rates or more (None otherwise); settings without a p (a random
+    forest) are left out."""
+    rows = [row for row in rows if row["p"] is not None]
     ps = [row["p"] for row in rows]
     if len(set(ps)) < 3:
         return None

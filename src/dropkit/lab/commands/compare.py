@@ -9,9 +9,11 @@ import math
 from dropkit import kernels
 from dropkit.lab import run_lock
 from dropkit.lab.commands.options import add_run_options, config_from_args, float_in, int_at_least
+from dropkit.lab.commands.trees import add_tree_options, run_compare as run_tree_compare
 from dropkit.lab.compare import REGULARISERS, Setting, p_settings, reg_settings, run_settings, summarise
 from dropkit.lab.report import write_report
 from dropkit.lab.train import TrainConfig
+from dropkit.lab.trees import TREE_MODELS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -22,7 +24,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     settings = parser.add_mutually_exclusive_group(required=True)
     settings.add_argument("--p", type=float_in(0, 1), nargs="+", help="main dropout rates to compare, each in [0, 1]")
-    settings.add_argument("--reg", nargs="+", choices=REGULARISERS, help="regularisers to compare")
+    settings.add_argument("--reg", nargs="+", metavar="REG",
+                          help=f"regularisers to compare: {', '.join(REGULARISERS)}; for --model gbdt: none, "
+                               "dart:RATE, rf, rf:RATE")
     parser.add_argument("--dropout-p", type=float_in(0, 1), default=0.5, help="main rate of the --reg dropout settings")
     parser.add_argument("--l2", type=float_in(0, math.inf, high_open=True), default=5e-4,
                         help="weight decay of the --reg l2 setting")
@@ -38,11 +42,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", action="store_true", help="continue a killed comparison from its checkpoints")
     parser.add_argument("--nproc", type=int_at_least(1), default=1,
                         help="data-parallel worker processes per run (torch.distributed, gloo on CPU)")
-    add_run_options(parser)
+    add_run_options(parser, extra_models=TREE_MODELS)
+    add_tree_options(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.model in TREE_MODELS:
+        return run_tree_compare(args)
     base = config_from_args(args)
     if args.p is not None:
         settings = p_settings(args.p)

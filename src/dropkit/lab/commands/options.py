@@ -85,11 +85,12 @@ def model_arg(text: str) -> tuple[str, Any]:
         return key, raw
 
 
-def add_run_options(parser: argparse.ArgumentParser) -> None:
-    """Register the flags that describe one training run, except the dropout rate and the output."""
+def add_run_options(parser: argparse.ArgumentParser, extra_models: tuple[str, ...] = ()) -> None:
+    """Register the flags that describe one training run, except the dropout rate and the output;
+    ``--model`` also accepts ``extra_models`` (the tree ensembles, for ``compare``)."""
     defaults = TrainConfig()
     model = parser.add_argument_group("model")
-    model.add_argument("--model", choices=list(MODELS), default=defaults.model,
+    model.add_argument("--model", choices=[*MODELS, *extra_models], default=defaults.model,
                        help="network to train (default %(default)s)")
     model.add_argument("--model-arg", type=model_arg, action="append", default=[], metavar="KEY=VALUE",
                        help="extra model argument, repeatable, e.g. width=512 or batchnorm=True")
