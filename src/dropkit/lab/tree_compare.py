@@ -104,7 +104,7 @@ def _pct(row: dict[str, Any], key: str) -> str:
 def _compare(row: dict[str, Any], baseline: dict[str, Any], key: str, higher: str, lower: str) -> str:
     """``higher``/``lower`` beyond the spread, or "within the seed-to-seed spread"."""
     verdict = row["beyond_spread"][key]
-    delta = 100 * (row[key] - baseline[key])
+    delta = round(100 * (row[key] - baseline[key]), 2) + 0.0  # + 0.0: no "-0.00"
     if verdict is None:
         return f"{delta:+.2f} points, one seed per setting so no difference is claimed"
     if verdict:

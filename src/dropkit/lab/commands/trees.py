@@ -40,9 +40,6 @@ def tree_config_from_args(args: argparse.Namespace) -> TreeConfig:
             flag = "--" + dest.replace("_", "-")
             raise ValueError(f"{flag} applies to networks, not to --model {args.model}"
                              + (f"; use {instead}" if instead else ""))
-    if getattr(args, "p", None) is not None:
-        raise ValueError(f"--p sets a network's dropout rate; for --model {args.model} compare "
-                         "--reg none dart:RATE ... rf")
     if getattr(args, "nproc", 1) != 1 or getattr(args, "resume", False):
         raise ValueError(f"--nproc and --resume apply to networks, not to --model {args.model}")
     tunable: dict[str, Any] = {}
@@ -63,6 +60,9 @@ def run_compare(args: argparse.Namespace) -> int:
     from dropkit.lab.report import write_report
     from dropkit.lab.tree_compare import summarise_trees
 
+    if args.p is not None:
+        raise ValueError(f"--p sets a network's dropout rate; for --model {args.model} compare "
+                         "--reg none dart:RATE ... rf")
     if args.reg is None:
         raise ValueError(f"--model {args.model} compares --reg settings: none, dart:RATE, rf or rf:RATE")
     settings = tree_settings(args.reg)
