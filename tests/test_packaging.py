@@ -20,7 +20,7 @@ CORE_FILES = sorted(p for p in PACKAGE.rglob("*.py")
                     if not {"lab", "integrations"} & set(p.relative_to(PACKAGE).parts) and p.name != "__main__.py")
 
 #: the lab's packages (and optional ones of other extras), absent from a core-only environment
-LAB_ONLY = ("optuna", "matplotlib", "tqdm", "sklearn", "pandas")
+LAB_ONLY = ("optuna", "matplotlib", "tqdm", "sklearn", "pandas", "lightgbm", "pyarrow")
 
 
 @pytest.fixture(scope="module")
