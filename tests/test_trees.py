@@ -365,3 +365,54 @@ def test_compare_cli_errors_for_tree_models(extra, message, capsys):
 def test_network_compare_refuses_tree_settings(capsys):
     assert main(["compare", "--model", "tutorial_mlp", "--reg", "dart:0.1", "--epochs", "1"]) == 2
     assert "--reg must be among" in capsys.readouterr().err
+
+
+# -- the DART sweep -------------------------------------------------------------------------------
+
+def test_sweep_lattice_starts_above_zero_and_continuous_search_needs_a_positive_low(tmp_path):
+    from dropkit.lab.tree_sweep import TreeSweepConfig
+
+    cfg = TreeSweepConfig(TreeConfig(), tmp_path, rate_range=(0.0, 0.52), rate_step=0.05)
+    assert cfg.lattice() == (0.05, 0.5, 0.05)
+    with pytest.raises(ValueError, match="needs --p-range LOW > 0"):
+        TreeSweepConfig(TreeConfig(), tmp_path, rate_range=(0.0, 0.5), rate_step=None).validate()
+    with pytest.raises(ValueError, match="--pruner must be one of"):
+        TreeSweepConfig(TreeConfig(), tmp_path, pruner="asha").validate()
+
+
+def test_sweep_reporter_prunes_a_trial_at_its_first_evaluation():
+    optuna = pytest.importorskip("optuna")
+    from dropkit.lab.tree_sweep import _Reporter
+
+    class AlwaysPrune:
+        reported: list = []
+
+        def report(self, value, step):
+            self.reported.append((step, value))
+
+        def should_prune(self):
+            return True
+
+    trial = AlwaysPrune()
+    with pytest.raises(optuna.TrialPruned, match="after 5 rounds"):
+        fit(TreeConfig(boosting="dart", rate=0.1, rounds=20, eval_every=5, num_leaves=7, patience=None), _table(),
+            callbacks=lambda snapshot: [_Reporter(trial, snapshot.history)])
+    assert [step for step, _ in trial.reported] == [1]
+
+
+def test_sweep_cli_searches_dart_rates_on_a_csv(tmp_path, capsys):
+    X, y = _blobs(n=240, noise=2.0)
+    data = _write_csv(tmp_path / "blobs.csv", X, y)
+    out = tmp_path / "sweep"
+    code = main(["sweep", "--model", "gbdt", "--data", str(data), "--target", "label", "--trials", "3",
+                 "--pruner", "median", "--p-range", "0", "0.3", "--p-step", "0.1", "--model-arg", "rounds=6",
+                 "--model-arg", "eval_every=2", "--model-arg", "num_leaves=7", "--out", str(out)])
+    assert code == 0
+    summary = json.loads((out / "sweep.json").read_text())
+    assert len(summary["trials"]) == 3 and summary["pruner"] == "median"
+    assert all(t["drop_rate"] in (0.1, 0.2, 0.3) for t in summary["trials"])
+    complete = [t for t in summary["trials"] if t["state"] == "complete"]
+    assert summary["best"]["val_acc"] == max(t["val_acc"] for t in complete)
+    assert "best on validation: trial" in capsys.readouterr().out
+    assert main(["sweep", "--model", "gbdt", "--workers", "2", "--out", str(out)]) == 2
+    assert "--workers applies to network sweeps" in capsys.readouterr().err

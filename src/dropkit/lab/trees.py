@@ -49,6 +49,7 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -339,8 +340,10 @@ class TreeResult:
     fit_seconds: float
 
 
-def fit(config: TreeConfig, table: Table) -> TreeResult:
-    """Train one ensemble on ``table`` under ``config`` with the :class:`BestSnapshot` rule."""
+def fit(config: TreeConfig, table: Table,
+        callbacks: Callable[[BestSnapshot], list[Callable[[Any], None]]] | None = None) -> TreeResult:
+    """Train one ensemble on ``table`` under ``config`` with the :class:`BestSnapshot` rule;
+    ``callbacks``, given the run's snapshot, returns more LightGBM callbacks (a sweep's reporter)."""
     config.validate()
     lightgbm = require_lightgbm()
     if table.num_classes < 2:
@@ -357,7 +360,7 @@ def fit(config: TreeConfig, table: Table) -> TreeResult:
     snapshot = BestSnapshot(config.eval_every, config.patience if len(table.val) else None, tree_drop_rate)
     start = time.perf_counter()
     booster = lightgbm.train(params, train_set, num_boost_round=config.rounds, valid_sets=sets, valid_names=names,
-                             callbacks=[snapshot])
+                             callbacks=[snapshot, *(callbacks(snapshot) if callbacks else [])])
     fit_seconds = time.perf_counter() - start
     rounds_trained = snapshot.history[-1]["rounds"] if snapshot.history else 0
     if snapshot.best_model is not None:

@@ -21,9 +21,11 @@ import optuna
 
 from dropkit.lab import run_lock
 from dropkit.lab.commands.options import add_run_options, config_from_args, description, float_in, int_at_least
+from dropkit.lab.commands.trees import add_tree_options, run_sweep as run_tree_sweep
 from dropkit.lab.storage import DEFAULT_TIMEOUT, StorageUnreachable
 from dropkit.lab.sweep import PLOT_FILE, PRUNERS, SUMMARY_FILE, DataParallelTrain, SweepConfig, format_table, run_sweep
 from dropkit.lab.train import train
+from dropkit.lab.trees import TREE_MODELS
 
 DEFAULT_LR_RANGE = (1e-4, 1e-1)
 DEFAULT_WEIGHT_DECAY_RANGE = (1e-6, 1e-2)
@@ -79,7 +81,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        default=DEFAULT_TIMEOUT, metavar="SECONDS",
                        help="how long a worker retries a --storage it cannot reach (a server restarting, a network "
                             "down) before it fails with an error naming it (default %(default)g)")
-    add_run_options(parser)
+    add_run_options(parser, extra_models=TREE_MODELS)
+    add_tree_options(parser, seeds=False)
     parser.set_defaults(func=run)
 
 
@@ -110,6 +113,8 @@ def sweep_config(args: argparse.Namespace) -> SweepConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Run the sweep, print the table and the winner; exit 1 while the study is incomplete."""
+    if args.model in TREE_MODELS:
+        return run_tree_sweep(args)
     cfg = sweep_config(args)
     run_lock.prepare_folder(cfg.out_dir)
     if cfg.workers > 1 and (cfg.storage or "").startswith("sqlite"):

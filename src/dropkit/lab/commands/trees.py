@@ -1,5 +1,6 @@
-"""The tree-ensemble path of ``dropkit compare``: ``--model gbdt --reg none dart:0.1 rf`` with the
-extra flags ``--data FILE --target COLUMN`` and ``--seeds``; tree parameters come as
+"""The tree-ensemble paths of ``dropkit compare`` (``--model gbdt --reg none dart:0.1 rf``, with
+``--seeds``) and ``dropkit sweep`` (``--model gbdt``: DART's drop rate searched over ``--p-range``),
+with the extra flags ``--data FILE --target COLUMN``; tree parameters come as
 ``--model-arg KEY=VALUE`` (see :class:`dropkit.lab.trees.TreeConfig`)."""
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ NETWORK_ONLY = {
 }
 
 
-def add_tree_options(parser: argparse.ArgumentParser) -> None:
-    """Register ``--data``, ``--target`` and (unless the command has it already) ``--seeds``."""
+def add_tree_options(parser: argparse.ArgumentParser, *, seeds: bool = True) -> None:
+    """Register ``--data``, ``--target`` and, with ``seeds`` (unless the command has it already), ``--seeds``."""
     group = parser.add_argument_group(f"tree models ({', '.join(TREE_MODELS)})")
     group.add_argument("--data", default=None, metavar="FILE",
                        help="a CSV or Parquet table to train on instead of --dataset (tree models)")
     group.add_argument("--target", default=None, metavar="COLUMN", help="the column of --data to predict")
+    if not seeds:
+        return
     try:
         group.add_argument("--seeds", type=int_at_least(1), default=3,
                            help="runs per setting, with seeds --seed, --seed + 1, ... (default %(default)s)")
@@ -102,3 +105,33 @@ def format_tree_table(summary: dict) -> str:
                      f"{_figure(row, 'test_acc'):>14}{_figure(row, 'gap', fmt='{:+.2f}'):>14}"
                      f"{row['rounds_trained']:>9.0f}{_figure(row, 'fit_seconds', 1, '{:.1f}'):>14}")
     return "\n".join(lines)
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """``dropkit sweep --model gbdt``: search DART's drop rate, print every trial and the best."""
+    from dropkit.lab.tree_sweep import SUMMARY_FILE, TreeSweepConfig, run_tree_sweep
+
+    for flag, used in (("--workers", args.workers != 1), ("--storage", args.storage is not None),
+                       ("--search-lr", args.search_lr), ("--search-weight-decay", args.search_weight_decay)):
+        if used:
+            raise ValueError(f"{flag} applies to network sweeps, not to --model {args.model}")
+    cfg = TreeSweepConfig(base=tree_config_from_args(args), out_dir=args.out, trials=args.trials,
+                          pruner=args.pruner, rate_range=tuple(args.p_range), rate_step=args.p_step or None)
+    cfg.validate()
+    if cfg.pruner == "promote":
+        print("tree models cannot pause and resume a trial: pruner promote runs as halving (the same rungs)")
+    low, high, step = cfg.lattice()
+    print(f"dropkit sweep: DART drop rate in [{low:g}, {high:g}]" + (f" step {step:g}" if step else "")
+          + f", {cfg.trials} trials of up to {cfg.base.rounds} rounds", flush=True)
+    summary = run_tree_sweep(cfg)
+    print(f"{'trial':>5} {'drop rate':>10} {'state':>9} {'val acc':>8} {'test acc':>9} {'evaluations':>12}")
+    for t in summary["trials"]:
+        val = "-" if t["val_acc"] is None else f"{100 * t['val_acc']:.2f}"
+        test = "-" if t["test_acc"] is None else f"{100 * t['test_acc']:.2f}"
+        print(f"{t['trial']:>5} {t['drop_rate']:>10.3g} {t['state']:>9} {val:>8} {test:>9} {t['evaluations']:>12}")
+    best = summary["best"]
+    if best is not None:
+        print(f"best on validation: trial {best['trial']} (drop rate {best['drop_rate']:g}): validation accuracy "
+              f"{100 * best['val_acc']:.2f}%, test accuracy {100 * best['test_acc']:.2f}%")
+    print(f"data: {args.out / SUMMARY_FILE}")
+    return 0
