@@ -403,6 +403,42 @@ def lora_step_table(groups_of_files: list[list[dict]]) -> str:
                    "CPU s per step"], rows)
 
 
+def _mean_spread(row: dict, key: str, scale: float = 100, fmt: str = "{:.2f}") -> str:
+    spread = row.get(f"{key}_spread")
+    return fmt.format(scale * row[key]) + ("" if spread is None else " ± " + fmt.format(scale * spread))
+
+
+def _apart(a: list[float], b: list[float]) -> bool:
+    """The two ranges over seeds do not overlap (:func:`dropkit.lab.tree_compare.beyond_spread`)."""
+    return min(a) > max(b) or min(b) > max(a)
+
+
+def trees_table(groups_of_files: list[list[dict]]) -> str:
+    """Per dataset: tree settings and the MLP, mean ± spread over seeds, then the DART verdict."""
+    blocks = []
+    for files in groups_of_files:
+        for data in files:
+            for dataset, result in data["datasets"].items():
+                base = next(r for r in result["trees"] if r["label"] == result["baseline"])
+                rows = []
+                for row in result["trees"]:
+                    beyond = [what for what, key in (("test", "test_acc"), ("gap", "gap"))
+                              if row is not base and _apart(row[f"{key}_values"], base[f"{key}_values"])]
+                    rows.append([f"`{row['label']}`", _mean_spread(row, "train_acc"), _mean_spread(row, "val_acc"),
+                                 f"**{_mean_spread(row, 'test_acc')}**", _mean_spread(row, "gap"),
+                                 f"{row['rounds_trained']:.0f} rounds", _mean_spread(row, "fit_seconds", 1, "{:.0f}"),
+                                 ", ".join(beyond) or "-"])
+                for row in result["mlp"]:
+                    rows.append([f"`{row['label']}`", _mean_spread(row, "train_eval_acc"), _mean_spread(row, "val_acc"),
+                                 f"**{_mean_spread(row, 'test_acc')}**", _mean_spread(row, "gap"),
+                                 f"{row['epochs']} epochs", _mean_spread(row, "seconds", 1, "{:.0f}"), ""])
+                table = _table(["setting", "train %", "val %", "test %", "gap (points)", "length", "train s",
+                                f"beyond the spread of `{result['baseline']}`"], rows)
+                blocks.append(f"**{dataset}** ({len(result['trees'][0]['seeds'])} seeds; mean ± standard deviation)"
+                              f"\n\n{table}\n\n{result['statements'][-1]}")
+    return "\n\n".join(blocks)
+
+
 def _single(files: list[str], fn: Callable[[dict], str]) -> Callable[[], str]:
     def render() -> str:
         data = load(files[0])
@@ -455,6 +491,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "mc_uncertainty": _single(["mc_uncertainty_mnist_mlp_cnn.json"], mc_uncertainty_table),
     "mc_levels": _single(["mc_uncertainty_mnist_mlp_cnn.json"], mc_levels_table),
     "mc_speed": _single(["mc_speed_srivastava_mlp_t20.json"], mc_speed_table),
+    "trees_dart": _grouped([["trees_dart_reference_fashion.json"], ["trees_dart_reference_mnist.json"]], trees_table),
 }
 
 
