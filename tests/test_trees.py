@@ -416,3 +416,12 @@ def test_sweep_cli_searches_dart_rates_on_a_csv(tmp_path, capsys):
     assert "best on validation: trial" in capsys.readouterr().out
     assert main(["sweep", "--model", "gbdt", "--workers", "2", "--out", str(out)]) == 2
     assert "--workers applies to network sweeps" in capsys.readouterr().err
+
+
+def test_compare_without_lightgbm_names_the_extra(tmp_path, monkeypatch, capsys):
+    X, y = _blobs(n=60)
+    data = _write_csv(tmp_path / "b.csv", X, y)
+    monkeypatch.setitem(sys.modules, "lightgbm", None)
+    assert main(["compare", "--model", "gbdt", "--reg", "none", "--data", str(data), "--target", "label",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "tree models need the package lightgbm: pip install 'dropkit[trees]'" in capsys.readouterr().err
