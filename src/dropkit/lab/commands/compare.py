@@ -20,7 +20,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "compare", help="train under several dropout rates or regularisers and write a report",
         description="Examples: dropkit compare --p 0 0.2 0.5 0.8 --out runs/p;  "
-                    "dropkit compare --model srivastava_mlp --reg none l2 maxnorm dropout dropout+maxnorm",
+                    "dropkit compare --model srivastava_mlp --reg none l2 maxnorm dropout dropout+maxnorm;  "
+                    "dropkit compare --model gbdt --reg none dart:0.1 rf --seeds 3",
     )
     settings = parser.add_mutually_exclusive_group(required=True)
     settings.add_argument("--p", type=float_in(0, 1), nargs="+", help="main dropout rates to compare, each in [0, 1]")

@@ -87,7 +87,7 @@ def model_arg(text: str) -> tuple[str, Any]:
 
 def add_run_options(parser: argparse.ArgumentParser, extra_models: tuple[str, ...] = ()) -> None:
     """Register the flags that describe one training run, except the dropout rate and the output;
-    ``--model`` also accepts ``extra_models`` (the tree ensembles, for ``compare``)."""
+    ``--model`` also accepts ``extra_models`` (the tree ensembles, for ``compare`` and ``sweep``)."""
     defaults = TrainConfig()
     model = parser.add_argument_group("model")
     model.add_argument("--model", choices=[*MODELS, *extra_models], default=defaults.model,
