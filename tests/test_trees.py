@@ -425,3 +425,15 @@ def test_compare_without_lightgbm_names_the_extra(tmp_path, monkeypatch, capsys)
     assert main(["compare", "--model", "gbdt", "--reg", "none", "--data", str(data), "--target", "label",
                  "--out", str(tmp_path / "out")]) == 2
     assert "tree models need the package lightgbm: pip install 'dropkit[trees]'" in capsys.readouterr().err
+
+
+def test_tree_options_keep_a_seeds_flag_the_command_already_has():
+    import argparse
+
+    from dropkit.lab.commands.trees import add_tree_options
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", type=int, default=5)
+    add_tree_options(parser)
+    args = parser.parse_args(["--data", "t.csv", "--target", "y"])
+    assert (args.seeds, args.data, args.target) == (5, "t.csv", "y")
