@@ -258,7 +258,7 @@ def test_dart_snapshot_is_the_scored_model_and_truncation_is_not():
 
 def test_plain_boosting_snapshot_agrees_with_truncation():
     table = _table(noise=3.0)
-    rule, final, seen = _train_with_observer("gbdt", table)
+    _, final, seen = _train_with_observer("gbdt", table)
     np.testing.assert_allclose(final.predict(table.val.X, raw_score=True, num_iteration=10), seen[10], atol=1e-9)
 
 
@@ -385,7 +385,8 @@ def test_sweep_reporter_prunes_a_trial_at_its_first_evaluation():
     from dropkit.lab.tree_sweep import _Reporter
 
     class AlwaysPrune:
-        reported: list = []
+        def __init__(self):
+            self.reported = []
 
         def report(self, value, step):
             self.reported.append((step, value))

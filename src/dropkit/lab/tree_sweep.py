@@ -29,7 +29,7 @@ import optuna
 
 from dropkit.lab.trees import BestSnapshot, TreeConfig, final_figures, fit, load_table, require_lightgbm
 
-__all__ = ["TREE_PRUNERS", "TreeSweepConfig", "run_tree_sweep"]
+__all__ = ["TREE_PRUNERS", "TreeSweepConfig", "open_study", "run_tree_sweep", "summarise"]
 
 #: pruners a tree sweep accepts (``promote`` runs as ``halving``, see the module docstring)
 TREE_PRUNERS = ("halving", "median", "none", "promote")

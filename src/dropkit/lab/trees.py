@@ -60,10 +60,12 @@ from dropkit.lab.tables import Part, Table, image_table, table_from_file
 
 __all__ = [
     "BOOSTING",
-    "BestSnapshot",
     "TREE_MODELS",
+    "BestSnapshot",
     "TreeConfig",
+    "TreeResult",
     "TreeSetting",
+    "final_figures",
     "fit",
     "load_table",
     "require_lightgbm",
@@ -261,14 +263,14 @@ def load_table(config: TreeConfig) -> Table:
                        limit_test=config.limit_test)
 
 
-def predict_classes(booster: Any, X: np.ndarray) -> np.ndarray:
+def _predict_classes(booster: Any, X: np.ndarray) -> np.ndarray:
     """Class indices the booster predicts for ``X``."""
     scores = booster.predict(X)
     return scores.argmax(axis=1) if scores.ndim == 2 else (scores > 0.5).astype(np.int64)
 
 
-def accuracy(booster: Any, part: Part) -> float | None:
-    return float((predict_classes(booster, part.X) == part.y).mean()) if len(part) else None
+def _accuracy(booster: Any, part: Part) -> float | None:
+    return float((_predict_classes(booster, part.X) == part.y).mean()) if len(part) else None
 
 
 class BestSnapshot:
@@ -342,8 +344,25 @@ class TreeResult:
 
 def fit(config: TreeConfig, table: Table,
         callbacks: Callable[[BestSnapshot], list[Callable[[Any], None]]] | None = None) -> TreeResult:
-    """Train one ensemble on ``table`` under ``config`` with the :class:`BestSnapshot` rule;
-    ``callbacks``, given the run's snapshot, returns more LightGBM callbacks (a sweep's reporter)."""
+    """Train one ensemble on ``table`` under ``config`` with the :class:`BestSnapshot` rule.
+
+    Args:
+        config: the run (validated here).
+        table: training, validation and test rows; validation drives the snapshot and patience,
+            test is only recorded.
+        callbacks: given the run's :class:`BestSnapshot`, returns more LightGBM callbacks (a
+            sweep's reporter reads the snapshot's history).
+
+    Returns:
+        A :class:`TreeResult` whose booster is the best-validation snapshot (the last model when
+        there is no validation set).
+
+    Example::
+
+        table = image_table("mnist", limit_train=2000, limit_test=1000)
+        result = fit(TreeConfig(boosting="dart", rate=0.1, rounds=50), table)
+        result.best_round, result.booster.num_trees()
+    """
     config.validate()
     lightgbm = require_lightgbm()
     if table.num_classes < 2:
@@ -370,7 +389,7 @@ def fit(config: TreeConfig, table: Table,
 
 def final_figures(result: TreeResult, table: Table) -> dict[str, Any]:
     """The returned model's accuracies, each predicted afresh, and the run's cost."""
-    train, val, test = (accuracy(result.booster, part) for part in (table.train, table.val, table.test))
+    train, val, test = (_accuracy(result.booster, part) for part in (table.train, table.val, table.test))
     return {
         "train_acc": train, "train_eval_acc": train, "val_acc": val, "test_acc": test,
         "gap": train - test if None not in (train, test) else None,
