@@ -2,49 +2,34 @@
 renders: per setting the mean and spread over seeds of training, validation and test accuracy,
 the train-test gap and the training time, and plain statements.
 
-A difference between two settings is stated only when it is larger than the seed-to-seed
-spread, read as: the two settings' ranges over their seeds (lowest to highest value) do not
-overlap. It needs no assumption about the distribution: if the two settings made no difference,
-every ordering of the ``2n`` runs would be equally likely, and ranges that do not overlap would
-happen by chance with probability ``2 / C(2n, n)`` (0.10 for 3 seeds each, 0.029 for 4). With one
-seed per setting no difference is stated at all. A setting whose runs do not depend on the seed
-(plain boosting without row or feature sampling) has a range of one point, and the rule still
-applies.
+A difference between two settings is stated only when it is larger than the noise between
+seeds, by the same test as the network comparison (:func:`dropkit.lab.stats.differs`: Welch's
+t-test at the 5 % level on the per-seed values). A setting whose runs do not depend on the seed
+(plain boosting without row or feature sampling) has no spread of its own, and the test then
+weighs the difference against the other setting's spread alone. With one seed per setting no
+difference is stated at all.
 
 The baseline is plain boosting (``none``) when present, else the first setting.
 """
 
 from __future__ import annotations
 
-import math
 import statistics
 from typing import Any
 
-__all__ = ["FIGURES", "beyond_spread", "chance_of_separation", "summarise_trees"]
+from dropkit.lab.stats import differs, estimate
+
+__all__ = ["FIGURES", "summarise_trees"]
 
 #: figures of the returned model, summarised per setting over its seeds
 FIGURES = ("train_acc", "train_eval_acc", "val_acc", "test_acc", "gap", "fit_seconds", "seconds_per_round",
            "best_round", "rounds_trained")
 
 
-def beyond_spread(a: list[float], b: list[float]) -> bool | None:
-    """Whether the values of ``a`` and ``b`` (one per seed) lie in ranges that do not overlap;
-    None when either has a single value (no spread to judge by).
-
-    Example::
-
-        beyond_spread([0.81, 0.82, 0.83], [0.80, 0.80, 0.80])   # True
-        beyond_spread([0.81, 0.79, 0.83], [0.80, 0.80, 0.80])   # False
-    """
-    if len(a) < 2 or len(b) < 2:
+def _differs(row: dict[str, Any], baseline: dict[str, Any], key: str) -> bool | None:
+    if row[key] is None or baseline[key] is None:
         return None
-    return min(a) > max(b) or min(b) > max(a)
-
-
-def chance_of_separation(n_a: int, n_b: int) -> float:
-    """Probability that ``n_a`` and ``n_b`` exchangeable values fall in ranges that do not overlap:
-    ``2 / C(n_a + n_b, n_a)`` (the level of :func:`beyond_spread` as a test)."""
-    return 2 / math.comb(n_a + n_b, n_a)
+    return differs(estimate(row[f"{key}_values"]), estimate(baseline[f"{key}_values"]))
 
 
 def _stats(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -72,9 +57,13 @@ def summarise_trees(runs: list[dict[str, Any]]) -> dict[str, Any]:
             row[key], row[f"{key}_spread"] = _stats(values)
             row[f"{key}_values"] = values
         # the report's columns: an "epoch" of a tree model is one block of eval_every rounds
-        row["seconds_per_epoch"] = statistics.fmean(s for run in group for s in (r["seconds"] for r in run["history"]))
+        epoch_seconds = [r["seconds"] for run in group for r in run["history"]]
+        row["seconds_per_epoch"] = statistics.median(epoch_seconds)
+        row["seconds_per_epoch_values"] = epoch_seconds
+        row["seconds_per_epoch_spread"] = statistics.stdev(epoch_seconds) if len(epoch_seconds) > 1 else None
+        row["first_epoch_seconds"] = statistics.fmean(run["history"][0]["seconds"] for run in group)
         row["peak_rss_mib"] = None  # the runs share one process, so no run has a peak of its own
-        row["saved_mib"] = 0.0
+        row["saved_mib"], row["saved_mib_spread"] = 0.0, None
         rows.append(row)
     baseline = next((row for row in rows if row["boosting"] == "gbdt"), rows[0])
     with_val = [row for row in rows if row["val_acc"] is not None]
@@ -83,14 +72,14 @@ def summarise_trees(runs: list[dict[str, Any]]) -> dict[str, Any]:
         row["gap_vs_baseline"] = row["gap"] - baseline["gap"] if None not in (row["gap"], baseline["gap"]) else None
         row["time_ratio"] = row["fit_seconds"] / baseline["fit_seconds"]
         row["saved_ratio"] = None
-        row["beyond_spread"] = {key: beyond_spread(row[f"{key}_values"], baseline[f"{key}_values"])
-                                if row[key] is not None and baseline[key] is not None else None
-                                for key in ("test_acc", "gap", "train_acc", "fit_seconds")}
+        row["beyond_noise"] = {key: _differs(row, baseline, key) for key in
+                               ("test_acc", "train_eval_acc", "gap", "fit_seconds", "seconds_per_epoch")}
+        row["beyond_noise"]["saved_mib"] = False
     return {
         "baseline": baseline["label"],
         "best_on_validation": best["label"] if best else None,
         "seeds": len(baseline["seeds"]),
-        "rule": "a difference is stated when the two settings' ranges over seeds do not overlap",
+        "rule": "a difference is stated when Welch's t-test at the 5 % level finds it beyond the noise between seeds",
         "settings": rows,
         "statements": _statements(rows, baseline, best),
     }
@@ -102,14 +91,14 @@ def _pct(row: dict[str, Any], key: str) -> str:
 
 
 def _compare(row: dict[str, Any], baseline: dict[str, Any], key: str, higher: str, lower: str) -> str:
-    """``higher``/``lower`` beyond the spread, or "within the seed-to-seed spread"."""
-    verdict = row["beyond_spread"][key]
+    """``higher``/``lower`` beyond the noise between seeds, or "within the noise"."""
+    verdict = row["beyond_noise"][key]
     delta = round(100 * (row[key] - baseline[key]), 2) + 0.0  # + 0.0: no "-0.00"
     if verdict is None:
         return f"{delta:+.2f} points, one seed per setting so no difference is claimed"
     if verdict:
-        return f"{higher if delta > 0 else lower} by {abs(delta):.2f} points, beyond the seed-to-seed spread"
-    return f"{delta:+.2f} points, within the seed-to-seed spread"
+        return f"{higher if delta > 0 else lower} by {abs(delta):.2f} points, beyond the noise between seeds"
+    return f"{delta:+.2f} points, within the noise between seeds"
 
 
 def _statements(rows: list[dict[str, Any]], baseline: dict[str, Any], best: dict[str, Any] | None) -> list[str]:
@@ -131,11 +120,11 @@ def _statements(rows: list[dict[str, Any]], baseline: dict[str, Any], best: dict
     if darts and baseline["boosting"] == "gbdt":
         pick = max(darts, key=lambda row: row["val_acc"])
         wins = [what for what, key, sign in (("test accuracy", "test_acc", 1), ("train-test gap", "gap", -1))
-                if pick["beyond_spread"][key] and sign * (pick[key] - baseline[key]) > 0]
+                if pick["beyond_noise"][key] and sign * (pick[key] - baseline[key]) > 0]
         if wins:
             said.append(f"DART's best rate on validation data, {pick['label']}, beats plain boosting on "
-                        f"{' and '.join(wins)} by more than the seed-to-seed spread ({n} seeds).")
+                        f"{' and '.join(wins)} by more than the noise between seeds ({n} seeds).")
         else:
             said.append(f"DART's best rate on validation data, {pick['label']}, does not beat plain boosting on test "
-                        f"accuracy or the train-test gap by more than the seed-to-seed spread ({n} seeds).")
+                        f"accuracy or the train-test gap by more than the noise between seeds ({n} seeds).")
     return said
