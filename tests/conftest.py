@@ -3,6 +3,18 @@ throwaway PostgreSQL server (tests/pg_server.py) for the sweeps that share a stu
 
 from __future__ import annotations
 
+import os
+
+# Without a GPU the Triton kernels run under Triton's interpreter on CPU tensors
+# (tests/test_gpu_kernels.py). Triton reads TRITON_INTERPRET when it decorates a function, its own
+# library included (tl.randint4x) when triton is first imported, which torch._dynamo does; so the
+# flag is set here, before any test module is imported. Only Triton reads it.
+if not os.environ.get("TRITON_INTERPRET"):
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 import gzip
 import os
 import struct

@@ -67,6 +67,7 @@ BAD: dict[str, list[Callable[[], Any]]] = {
     "count": [lambda: 0, lambda: -1, lambda: True, lambda: 2.5, lambda: "3", lambda: None],
     "index": [lambda: -1, lambda: True, lambda: 2.5, lambda: "3", lambda: None],
     "rate_bits": [lambda: 8.0, lambda: 16.0, lambda: True, lambda: "8", lambda: 4, lambda: 32, lambda: None],
+    "activation": [lambda: "tanh", lambda: None, lambda: 1, lambda: True, lambda: ["gelu"], lambda: "GELU"],
 }
 
 
@@ -131,6 +132,9 @@ OPS = [
         **_with(_INPLACE, ({"block_size": lambda: 3, "couple_channels": lambda: True, "scale_by_keep": lambda: True},
                            {"block_size": "block_size", "couple_channels": "bool", "scale_by_keep": "bool"}))),
 ]
+OPS.append(_op("bias_act_dropout", DF.bias_act_dropout, (2, 3, 4),
+              extra={"bias": lambda: torch.rand(4), "activation": lambda: "gelu", "residual": lambda: None},
+              kinds={"activation": "activation"}))
 _dropconnect = _op("dropconnect", lambda weight, **kw: DF.dropconnect(weight, **kw), (4, 3), **_with(_MASK))
 _dropconnect.valid["weight"] = _dropconnect.valid.pop("x")
 _dropconnect.kinds["weight"] = _dropconnect.kinds.pop("x")
@@ -170,6 +174,10 @@ _weight_dropout = _layer_call(dnn.WeightDropout, {"module": lambda: nn.Linear(3,
                               {"module": "module", "weights": "weights", "mask_shape": "layer_mask_shape"})
 del _weight_dropout.valid["inplace"], _weight_dropout.kinds["inplace"]
 LAYERS.append(_weight_dropout)
+_bias_act_dropout = _layer_call(dnn.BiasActDropout, {"activation": lambda: "relu", "features": lambda: 4},
+                                {"activation": "activation"})
+del _bias_act_dropout.valid["inplace"], _bias_act_dropout.kinds["inplace"]
+LAYERS.append(_bias_act_dropout)
 
 
 def _forward_call(layer_factory, shape, name):
@@ -192,6 +200,7 @@ OTHERS = [
     Call("convert", convert, {"model": _model, "structured": lambda: False, "fuse": lambda: False},
          {"model": "model", "structured": "bool", "fuse": "bool"}, lambda out, args: out == 1),
     Call("fuse_relu_dropout", fuse_relu_dropout, {"model": _model}, {"model": "model"}),
+    Call("fuse", dropkit.fuse, {"model": _model}, {"model": "model"}),
     Call("unconverted", unconverted, {"model": _model}, {"model": "model"}, lambda out, args: out == []),
     Call("functional_dropout_calls", lambda model: functional_dropout_calls(model, torch.ones(1, 3)),
          {"model": _model}, {"model": "model"}),

@@ -8,6 +8,7 @@ The common entry points are re-exported here::
     layer = dropkit.nn.Dropout(0.5)
     n = dropkit.convert(model)   # swap torch dropout modules for dropkit ones
     dropkit.fuse_relu_dropout(model)  # ReLU -> Dropout pairs become one pass each way
+    dropkit.fuse(model)  # ReLU or GELU -> Dropout pairs, one pass each way
 
 They are loaded on first use (PEP 562), so ``import dropkit`` alone, and the ``dropkit --help``
 that runs it, does not import torch.
@@ -18,13 +19,14 @@ import sys
 import types
 from typing import Any
 
-__all__ = ["convert", "dropout", "fuse_relu_dropout", "functional", "manual_seed", "nn", "rng"]
+__all__ = ["convert", "dropout", "fuse", "fuse_relu_dropout", "functional", "manual_seed", "nn", "rng"]
 __version__ = "0.1.0"
 
 #: public name -> (module, attribute in it; None for the module itself)
 _LAZY = {
     "functional": ("dropkit.functional", None), "nn": ("dropkit.nn", None), "rng": ("dropkit.rng", None),
     "convert": ("dropkit.convert", "convert"), "fuse_relu_dropout": ("dropkit.convert", "fuse_relu_dropout"),
+    "fuse": ("dropkit.convert", "fuse"),
     "dropout": ("dropkit.functional", "dropout"), "manual_seed": ("dropkit.rng", "manual_seed"),
 }
 

@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 from dropkit import nn as dnn
 from dropkit.lora import convert_peft_lora
 
-__all__ = ["TWINS", "DropoutCall", "Unconverted", "convert", "functional_dropout_calls", "fuse_relu_dropout",
+__all__ = ["TWINS", "DropoutCall", "Unconverted", "convert", "functional_dropout_calls", "fuse", "fuse_relu_dropout",
            "unconverted"]
 
 log = logging.getLogger(__name__)
@@ -286,4 +286,40 @@ def fuse_relu_dropout(model: nn.Module) -> int:
             seq._modules[drop_name] = layer
             fused += 1
     log.info("dropkit.fuse_relu_dropout: fused %d ReLU -> Dropout pair(s)", fused)
+    return fused
+
+
+def fuse(model: nn.Module) -> int:
+    """Fuse every activation directly followed by a :class:`dropkit.nn.Dropout` (element-wise mask)
+    in the ``nn.Sequential`` containers of ``model``, in place: ``ReLU -> Dropout`` into
+    :class:`dropkit.nn.ReLUDropout` (as :func:`fuse_relu_dropout`), ``GELU -> Dropout`` (the exact
+    erf GELU) into :class:`dropkit.nn.BiasActDropout` with ``activation="gelu"``.
+
+    The typical place is a ``Linear -> activation -> Dropout`` MLP; the ``Linear`` keeps its own
+    bias (on CUDA its matmul adds it for free), so the fused layer has none. As in
+    :func:`fuse_relu_dropout`, the fused layer takes the Dropout's place, name, rate, mode and
+    random generator and the activation becomes ``nn.Identity``: a fused model computes the same
+    outputs and gradients from the same seeds. Returns the number of pairs fused.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.GELU(), dnn.Dropout(0.1), nn.Linear(4, 2))
+        >>> fuse(net)
+        1
+    """
+    fused = fuse_relu_dropout(model)
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        names = list(seq._modules)
+        for act_name, drop_name in zip(names, names[1:]):
+            act, drop = seq._modules[act_name], seq._modules[drop_name]
+            if type(act) is not nn.GELU or act.approximate != "none":
+                continue
+            if type(drop) is not dnn.Dropout or drop.mask_shape is not None:
+                continue
+            layer = dnn.BiasActDropout(drop.p, activation="gelu")
+            layer.seed, layer.generator = drop.seed, drop.generator
+            layer.train(drop.training)
+            seq._modules[act_name] = nn.Identity()
+            seq._modules[drop_name] = layer
+            fused += 1
+    log.info("dropkit.fuse: fused %d activation -> Dropout pair(s) in all", fused)
     return fused

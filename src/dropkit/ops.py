@@ -42,7 +42,8 @@ import torch
 from dropkit import _compiled_ops, kernels, rng
 from dropkit.kernels import reference
 
-__all__ = ["SAVED_MODES", "SELU_SATURATION", "alpha_dropout", "alpha_dropout_affine", "dropout", "gaussian_dropout", "gaussian_noise", "keep_mask", "relu_dropout", "transformed"]
+__all__ = ["FUSED_SAVED", "SAVED_MODES", "SELU_SATURATION", "alpha_dropout", "alpha_dropout_affine", "bias_act_dropout", "dropout",
+           "fused_kernel", "gaussian_dropout", "gaussian_noise", "keep_mask", "relu_dropout", "transformed", "triton_ops"]
 
 #: SELU's negative saturation value (Klambauer et al. 2017), the value dropped units take
 SELU_SATURATION = reference.SELU_SATURATION
@@ -271,6 +272,8 @@ def relu_dropout(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     values as :func:`dropout` of ``relu(x)`` with this seed. Backward keeps only the output."""
     if transformed():
         return reference.masked(x, _traced_keep_mask(seed, p, tuple(x.shape)).to(x.device), "relu_dropout", p)
+    if _triton_compiled(x):
+        return torch.ops.dropkit.triton_relu_dropout(x, seed, p)
     if _compiled_ops.wanted(x):
         return _compiled_ops.relu_dropout(x, p, seed)
     if _eager_kernel(x):
@@ -295,6 +298,8 @@ def gaussian_dropout(
     if transformed():
         noise = _traced_gaussian_noise(seed, p, tuple(mask_shape), x.dtype).to(x.device)
         return (x.to(noise.dtype) * noise).to(x.dtype)
+    if tuple(mask_shape) == tuple(x.shape) and _triton_compiled(x):
+        return torch.ops.dropkit.triton_gaussian(x, seed, p)
     if _compiled_ops.wanted(x):
         return _compiled_ops.gaussian_dropout(x, p, seed, mask_shape)
     if tuple(mask_shape) == tuple(x.shape):
@@ -311,6 +316,8 @@ def _mask_op(kind: str, x: torch.Tensor, p: float, seed: torch.Tensor, mask_shap
         raise ValueError(f"saved must be one of {SAVED_MODES}, got {saved!r}")
     if transformed():
         return reference.masked(x, _traced_keep_mask(seed, p, mask_shape).to(x.device), kind, p)
+    if tuple(mask_shape) == tuple(x.shape) and _triton_compiled(x):
+        return _triton_mask_op(kind, x, p, seed, saved == "bits" and torch.is_grad_enabled() and x.requires_grad)
     if _compiled_ops.wanted(x) and saved == "seed":
         return _compiled_ops.masked(kind, x, p, seed, mask_shape)
     if tuple(mask_shape) != tuple(x.shape):
@@ -347,3 +354,177 @@ def _traced_gaussian_noise(seed: torch.Tensor, p: float, shape: tuple[int, ...],
     """:func:`gaussian_noise` from a seed tensor, in plain torch ops (see :func:`transformed`)."""
     z = rng.normal(seed, 0, math.prod(shape), seed.device).reshape(shape)
     return (1.0 + math.sqrt(p / (1.0 - p)) * z).to(reference.opmath_dtype(dtype))
+
+
+# --- the Triton path as torch.library ops ----------------------------------------------------------
+#
+# Eager calls on the triton path take the classes above (the kernels with int seeds, no custom-op
+# layer). Under torch.compile they take these ops instead: ``torch.library.triton_op`` bodies whose
+# kernels are launched through ``wrap_triton``, so the compiled graph holds the Triton kernels
+# themselves (inductor can schedule them, CUDA graphs capture them) rather than an opaque call.
+# The seed enters as a 0-dim int64 tensor that the kernel reads from memory, never as a Python
+# constant: a replayed CUDA graph reads whatever seed the replay draws, so it draws fresh masks.
+# They are defined on first use, so ``import dropkit`` does not import Triton. Under Triton's
+# interpreter (``TRITON_INTERPRET=1``) ``wrap_triton`` cannot trace a kernel, so there they are
+# plain custom ops with the same schema, fake implementations and autograd (how the tests check them).
+
+#: what the fused op keeps for backward besides the seed, by activation
+FUSED_SAVED = {"none": "nothing", "relu": "x (its input)", "gelu": "x (its input)"}
+_triton_ops_defined = False
+
+
+@torch.compiler.assume_constant_result
+def triton_ops() -> bool:
+    """Define the ``dropkit::triton_*`` ops if they are not yet (importing Triton); True after.
+    torch.compile runs it while tracing and keeps its result as a constant."""
+    global _triton_ops_defined
+    if not _triton_ops_defined:
+        _define_triton_ops()
+        _triton_ops_defined = True
+    return True
+
+
+def _triton_traced(x: torch.Tensor) -> bool:
+    """Whether ``x`` takes the triton path in a Triton dtype (float64 takes the opaque ops)."""
+    return x.dtype in (torch.float32, torch.float16, torch.bfloat16) and kernels.path_for(x) == "triton"
+
+
+def _triton_compiled(x: torch.Tensor) -> bool:
+    """Whether ``x``'s op is being compiled on the triton path: then the ``dropkit::triton_*`` ops
+    run (the CPU's rate-as-tensor ops of :mod:`dropkit._compiled_ops` would hide the kernels)."""
+    return torch.compiler.is_compiling() and _triton_traced(x) and triton_ops()
+
+
+def _define_triton_ops() -> None:
+    from dropkit.kernels import gpu
+
+    define = torch.library.custom_op if gpu.INTERPRETED else torch.library.triton_op
+
+    @define("dropkit::triton_masked", mutates_args=())
+    def masked(x: torch.Tensor, seed: torch.Tensor, p: float, kind: str) -> torch.Tensor:
+        return gpu.masked(x.contiguous(), seed.to(x.device), p, kind, traceable=True)[0]
+
+    @define("dropkit::triton_masked_save_bits", mutates_args=())
+    def masked_save_bits(x: torch.Tensor, seed: torch.Tensor, p: float, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        out, bits = gpu.masked(x.contiguous(), seed.to(x.device), p, kind, save_bits=True, traceable=True)
+        return out, bits
+
+    @define("dropkit::triton_masked_from_bits", mutates_args=())
+    def masked_from_bits(x: torch.Tensor, bits: torch.Tensor, p: float, kind: str) -> torch.Tensor:
+        return gpu.masked_from_bits(x.contiguous(), bits, p, kind, traceable=True)
+
+    @define("dropkit::triton_relu_dropout", mutates_args=())
+    def relu_dropout(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+        return gpu.masked(x.contiguous(), seed.to(x.device), p, "relu_dropout", traceable=True)[0]
+
+    @define("dropkit::triton_gaussian", mutates_args=())
+    def gaussian(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+        return gpu.gaussian(x.contiguous(), seed.to(x.device), p, traceable=True)
+
+    @define("dropkit::triton_bias_act_dropout", mutates_args=())
+    def bias_act_dropout(x: torch.Tensor, bias: torch.Tensor | None, seed: torch.Tensor, p: float, activation: str,
+                         residual: torch.Tensor | None) -> torch.Tensor:
+        return gpu.bias_act_dropout(x.contiguous(), None if bias is None else bias.contiguous(), seed.to(x.device),
+                                    p, activation, None if residual is None else residual.contiguous(),
+                                    traceable=True)
+
+    @define("dropkit::triton_bias_act_dropout_backward", mutates_args=())
+    def bias_act_dropout_backward(grad: torch.Tensor, x: torch.Tensor | None, bias: torch.Tensor | None,
+                                  seed: torch.Tensor, p: float, activation: str) -> torch.Tensor:
+        return gpu.bias_act_dropout_backward(grad.contiguous(), x, bias, seed.to(grad.device), p, activation,
+                                             traceable=True)
+
+    def like(x, *_):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    for op in (masked, masked_from_bits, relu_dropout, gaussian, bias_act_dropout, bias_act_dropout_backward):
+        op.register_fake(like)
+
+    @masked_save_bits.register_fake
+    def _(x, seed, p, kind):
+        return like(x), x.new_empty(((x.numel() + 7) // 8,), dtype=torch.uint8)
+
+    def keep_seed(ctx, inputs, output):
+        _, seed, ctx.p, ctx.kind = inputs
+        ctx.save_for_backward(seed)
+
+    def masked_backward(ctx, grad):
+        (seed,) = ctx.saved_tensors
+        return masked(grad, seed, ctx.p, _GRAD_KIND[ctx.kind]), None, None, None
+
+    def keep_bits(ctx, inputs, output):
+        _, _, ctx.p, ctx.kind = inputs
+        ctx.save_for_backward(output[1] if isinstance(output, tuple) else inputs[1])
+
+    def from_bits_backward(ctx, grad, _grad_bits=None):
+        (bits,) = ctx.saved_tensors
+        return masked_from_bits(grad, bits, ctx.p, _GRAD_KIND[ctx.kind]), None, None, None
+
+    def keep_seed_and_p(ctx, inputs, output):
+        _, seed, ctx.p = inputs
+        ctx.save_for_backward(seed)
+
+    def gaussian_backward(ctx, grad):
+        (seed,) = ctx.saved_tensors
+        return gaussian(grad, seed, ctx.p), None, None
+
+    def keep_output(ctx, inputs, output):
+        ctx.p = inputs[2]
+        ctx.save_for_backward(output)
+
+    def relu_dropout_backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        return kernels.relu_dropout_grad(grad, out, ctx.p), None, None
+
+    def keep_fused(ctx, inputs, output):
+        x, bias, seed, ctx.p, ctx.activation, residual = inputs
+        ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
+        ctx.bias_shape = None if bias is None else bias.shape
+        needs_input = ctx.activation != "none"
+        ctx.save_for_backward(seed, x if needs_input else None, bias if needs_input else None)
+
+    def fused_backward(ctx, grad):
+        seed, x, bias = ctx.saved_tensors
+        grad_x = bias_act_dropout_backward(grad, x, bias, seed, ctx.p, ctx.activation)
+        grad_bias = grad_x.sum_to_size(ctx.bias_shape) if ctx.has_bias else None
+        return grad_x, grad_bias, None, None, None, grad if ctx.has_residual else None
+
+    masked.register_autograd(masked_backward, setup_context=keep_seed)
+    masked_save_bits.register_autograd(from_bits_backward, setup_context=keep_bits)
+    masked_from_bits.register_autograd(from_bits_backward, setup_context=keep_bits)
+    gaussian.register_autograd(gaussian_backward, setup_context=keep_seed_and_p)
+    relu_dropout.register_autograd(relu_dropout_backward, setup_context=keep_output)
+    bias_act_dropout.register_autograd(fused_backward, setup_context=keep_fused)
+
+
+def _triton_mask_op(kind: str, x: torch.Tensor, p: float, seed: torch.Tensor, save_bits: bool) -> torch.Tensor:
+    """An element-wise masked op through the ``dropkit::triton_*`` ops (see above)."""
+    triton_ops()
+    if save_bits:
+        return torch.ops.dropkit.triton_masked_save_bits(x, seed, p, kind)[0]
+    return torch.ops.dropkit.triton_masked(x, seed, p, kind)
+
+
+def fused_kernel(x: torch.Tensor) -> bool:
+    """Whether :func:`bias_act_dropout` runs ``x`` as one Triton kernel (the triton path, a Triton dtype)."""
+    return _triton_traced(x)
+
+
+def bias_act_dropout(x: torch.Tensor, bias: torch.Tensor | None, p: float, seed: torch.Tensor, activation: str,
+                     residual: torch.Tensor | None) -> torch.Tensor:
+    """``residual + dropout(act(x + bias))`` (0 <= p < 1) with the element-wise mask of ``seed``.
+
+    On the triton path it is one kernel each way (``dropkit::triton_bias_act_dropout``); backward
+    keeps the seed, and ``x`` for a ReLU or GELU (see :data:`FUSED_SAVED`). Elsewhere it is the
+    composition of the ops above, ``dropout(act(x + bias))`` with this seed, plus ``residual``:
+    the same masks, values and gradients as those ops called one after the other.
+    """
+    if _triton_traced(x) and not transformed():
+        triton_ops()
+        return torch.ops.dropkit.triton_bias_act_dropout(x, bias, seed, p, activation, residual)
+    h = x if bias is None else x + bias
+    if activation == "relu":
+        out = relu_dropout(h, p, seed)
+    else:
+        out = dropout(torch.nn.functional.gelu(h) if activation == "gelu" else h, p, seed, tuple(h.shape))
+    return out if residual is None else residual + out

@@ -27,8 +27,9 @@ Stream layouts (shared by the reference and the compiled kernels; they are the c
 * ``normal`` (Gaussian noise): element ``i`` reads counter ``offset + i // 2`` and takes words
   ``2 * (i % 2)`` and ``2 * (i % 2) + 1`` as u1, u2 for one Box-Muller draw.
 
-The counter's high word ``c1`` carries the counter's bits above 32; ``c2 = c3 = 0``. For counters
-below 2**32 this is exactly ``tl.randint4x(seed, counter)``.
+The counter's high word ``c1`` carries the counter's bits above 32; ``c2 = c3 = 0``. This is
+exactly ``tl.randint4x(seed, counter)`` for an int64 counter, the high word included (Triton puts
+an int64 counter's high bits in ``c1``; tests/test_gpu_kernels.py checks it across 2**32).
 
 Seeds: an op called without ``seed`` draws a fresh 63-bit seed from torch's generator (the
 global one, or the ``generator`` passed), so ``torch.manual_seed``/``dropkit.manual_seed`` make a

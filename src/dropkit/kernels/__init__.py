@@ -79,14 +79,22 @@ def requested_path() -> str:
     return value
 
 
-@functools.lru_cache(maxsize=1)
+#: whether Triton imports, once asked (None before)
+_triton_importable: bool | None = None
+
+
+@torch.compiler.assume_constant_result  # torch.compile asks while tracing and never traces the import
 def triton_available() -> bool:
     """Whether Triton can be imported (it comes with torch's CUDA wheels, or ``pip install triton``)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    global _triton_importable
+    if _triton_importable is None:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            _triton_importable = False
+        else:
+            _triton_importable = True
+    return _triton_importable
 
 
 @functools.lru_cache(maxsize=1)

@@ -32,7 +32,7 @@ from torch import nn
 
 import dropkit
 from dropkit import functional as DF
-from dropkit import ops, rng
+from dropkit import kernels, ops, rng
 
 #: default sizes of ``kernels``: 2**16 .. 2**26 elements, every other power of two
 DEFAULT_LOG2_SIZES = (16, 18, 20, 22, 24, 26)
@@ -51,9 +51,13 @@ def emit_json(result: dict, out: str | None) -> int:
     return 0
 
 
-def environment() -> dict:
-    """The versions and machine the figures come from."""
+def environment(device: str = "cpu") -> dict:
+    """The versions and machine the figures come from (and the GPU's name for ``device="cuda"``)."""
     return {
+        "device": device,
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else _cpu_name(),
+        "triton": _triton_version(),
+        "kernel_path": kernels.path_for(torch.empty(0, device=device)),
         "torch": torch.__version__,
         "numba": numba.__version__,
         "dropkit": dropkit.__version__,
@@ -68,6 +72,20 @@ def environment() -> dict:
     }
 
 
+def _triton_version() -> str | None:
+    if not kernels.triton_available():
+        return None
+    import triton
+
+    return triton.__version__
+
+
+def device_sync(device: str) -> Callable[[], None] | None:
+    """What ends a timed sample on ``device``: a CUDA synchronize (kernels run asynchronously), or
+    nothing on the CPU."""
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else None
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as info:
@@ -79,21 +97,28 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
-def median_times(variants: dict[str, Callable[[], object]], repeats: int, min_sample_s: float = 0.02) -> dict[str, float]:
-    """Median seconds per call of each variant, sampled round-robin (see the module docstring)."""
+def median_times(variants: dict[str, Callable[[], object]], repeats: int, min_sample_s: float = 0.02,
+                 sync: Callable[[], None] | None = None) -> dict[str, float]:
+    """Median seconds per call of each variant, sampled round-robin (see the module docstring).
+    ``sync`` (e.g. ``torch.cuda.synchronize``) runs before a sample starts and before it ends."""
+    sync = sync or (lambda: None)
     calls = {}
     for name, fn in variants.items():
         fn()  # warm-up: compilation, first-touch allocations
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         once = time.perf_counter() - start
         calls[name] = max(1, math.ceil(min_sample_s / max(once, 1e-7)))
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
+            sync()
             start = time.perf_counter()
             for _ in range(calls[name]):
                 fn()
+            sync()
             samples[name].append((time.perf_counter() - start) / calls[name])
     return {name: statistics.median(times) for name, times in samples.items()}
 
@@ -112,20 +137,31 @@ def saved_bytes(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     return sum(storages.values())
 
 
-def _dropout_variants(p: float) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """The dropout implementations compared, as functions of the input."""
-    return {
+def _dropout_variants(p: float, compile_backend: str = "none") -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """The dropout implementations compared, as functions of the input; with a ``compile_backend``
+    also torch's and dropkit's dropout under ``torch.compile`` with that backend."""
+    variants = {
         "torch": lambda x: F.dropout(x, p, training=True),
         "dropkit_seed": lambda x: DF.dropout(x, p, training=True),
         "dropkit_bits": lambda x: ops.dropout(x, p, rng.draw_seed(), tuple(x.shape), saved="bits"),
     }
+    if compile_backend != "none":
+        for name in ("torch", "dropkit_seed"):
+            variants[f"{name}_compile"] = torch.compile(variants[name], backend=compile_backend, dynamic=False)
+    return variants
 
 
-def kernel_case(dtype: torch.dtype, numel: int, p: float, repeats: int) -> dict:
-    """Forward and forward+backward times of each dropout against a copy, for one input."""
-    x = torch.randn(numel, generator=torch.Generator().manual_seed(0)).to(dtype).requires_grad_()
+def kernel_case(dtype: torch.dtype, numel: int, p: float, repeats: int, device: str = "cpu",
+                compile_backend: str = "none") -> dict:
+    """Forward and forward+backward times of each dropout against a copy, for one input.
+
+    ``fraction_of_copy_bandwidth`` is the copy's time over the variant's: forward reads and writes
+    each element once, as the copy does; forward+backward twice, so it is over twice the copy's.
+    """
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+    x.requires_grad_()
     grad = torch.ones_like(x)
-    impls = _dropout_variants(p)
+    impls = _dropout_variants(p, compile_backend)
 
     def fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
         def run() -> None:
@@ -136,7 +172,7 @@ def kernel_case(dtype: torch.dtype, numel: int, p: float, repeats: int) -> dict:
     variants: dict[str, Callable[[], object]] = {"copy": lambda: torch.empty_like(x).copy_(x)}
     variants.update({f"{name}_fwd": (lambda fn=fn: fn(x)) for name, fn in impls.items()})
     variants.update({f"{name}_fwd_bwd": fwd_bwd(fn) for name, fn in impls.items()})
-    ms = {name: 1e3 * t for name, t in median_times(variants, repeats).items()}
+    ms = {name: 1e3 * t for name, t in median_times(variants, repeats, sync=device_sync(device)).items()}
     copy = ms["copy"]
     result = {"dtype": str(dtype).removeprefix("torch."), "numel": numel, "p": p,
               "ms": {name: round(t, 4) for name, t in ms.items()}}
@@ -145,6 +181,10 @@ def kernel_case(dtype: torch.dtype, numel: int, p: float, repeats: int) -> dict:
     result["speedup_vs_torch"] = {
         "fwd": {name: round(ms["torch_fwd"] / ms[f"{name}_fwd"], 2) for name in impls if name != "torch"},
         "fwd_bwd": {name: round(ms["torch_fwd_bwd"] / ms[f"{name}_fwd_bwd"], 2) for name in impls if name != "torch"},
+    }
+    result["fraction_of_copy_bandwidth"] = {
+        "fwd": {name: round(copy / ms[f"{name}_fwd"], 3) for name in impls},
+        "fwd_bwd": {name: round(2 * copy / ms[f"{name}_fwd_bwd"], 3) for name in impls},
     }
     result["saved_bytes_per_element"] = {name: round(saved_bytes(fn, x) / numel, 4) for name, fn in impls.items()}
     return result
@@ -155,10 +195,14 @@ def bench_kernels(
     log2_sizes: tuple[int, ...] = DEFAULT_LOG2_SIZES,
     ps: tuple[float, ...] = DEFAULT_PS,
     repeats: int = 7,
+    device: str = "cpu",
+    compile_backend: str = "none",
 ) -> dict:
     """``dropkit bench kernels``: every (dtype, size, p) case of :func:`kernel_case`."""
-    cases = [kernel_case(getattr(torch, dtype), 2**k, p, repeats) for dtype in dtypes for k in log2_sizes for p in ps]
-    return {"benchmark": "kernels", "environment": environment(), "repeats": repeats, "cases": cases}
+    cases = [kernel_case(getattr(torch, dtype), 2**k, p, repeats, device, compile_backend)
+             for dtype in dtypes for k in log2_sizes for p in ps]
+    return {"benchmark": "kernels", "environment": environment(device), "repeats": repeats,
+            "compile_backend": compile_backend, "cases": cases}
 
 
 class _BitsDropout(nn.Module):
