@@ -43,12 +43,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     step.set_defaults(func=run_step)
     fused = which.add_parser("fused", help="fused bias + activation + dropout + residual vs torch, and a GPT-2 "
                                            "block's training step")
-    fused.add_argument("--rows", type=int_at_least(1), default=bench_fused.DEFAULT_ROWS, help="(default: %(default)s)")
-    fused.add_argument("--cols", type=int_at_least(1), default=bench_fused.DEFAULT_COLS, help="(default: %(default)s)")
+    fused.add_argument("--rows", type=int_at_least(1), default=bench_fused.DEFAULT_ROWS,
+                       help="rows (tokens) of the epilogue's input (default: %(default)s)")
+    fused.add_argument("--cols", type=int_at_least(1), default=bench_fused.DEFAULT_COLS,
+                       help="columns (features) of the epilogue's input (default: %(default)s)")
     fused.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
-                       help="(default: %(default)s)")
-    fused.add_argument("--p", type=OPEN_RATE, default=0.1, help="(default: %(default)s)")
-    fused.add_argument("--activation", default="gelu", choices=["none", "relu", "gelu"], help="(default: %(default)s)")
+                       help="element type of both cases (default: %(default)s)")
+    fused.add_argument("--p", type=OPEN_RATE, default=0.1, help="drop rate of both cases (default: %(default)s)")
+    fused.add_argument("--activation", default="gelu", choices=["none", "relu", "gelu"],
+                       help="the epilogue's activation (default: %(default)s)")
     for name, default in bench_fused.GPT2_SMALL.items():
         fused.add_argument(f"--block-{name}", type=int_at_least(1), default=default,
                            help="the GPT block's %(dest)s (default: %(default)s, GPT-2 small)")
@@ -66,7 +69,8 @@ def _add_rate_bits(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_device(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="(default: %(default)s)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where the tensors live (default: %(default)s)")
     parser.add_argument("--compile", choices=["default", "none", "inductor", "aot_eager"], default="default",
                         help="torch.compile backend of the compiled variants; default: inductor on cuda, none on cpu")
 
