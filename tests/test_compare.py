@@ -38,7 +38,7 @@ def test_reg_settings_switch_off_every_dropout_rate_for_non_dropout_settings():
 
 
 def test_unknown_regulariser_is_named():
-    with pytest.raises(ValueError, match="--reg must be among"):
+    with pytest.raises(ValueError, match="argument --reg: must be among"):
         reg_settings("tutorial_mlp", ["dropconnect"], p=0.5, l2=0.0, max_norm=1.0)
 
 

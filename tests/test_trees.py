@@ -344,7 +344,7 @@ def test_table_from_file_caps_training_rows(tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--reg", "l2"], "--reg for a tree model must be among"),
+    (["--reg", "l2"], "argument --reg: for a tree model it must be among"),
     (["--reg", "dart:abc"], "must be a number in"),
     (["--reg", "none", "--lr", "0.5"], "--lr applies to networks, not to --model gbdt; use --model-arg learning_rate"),
     (["--reg", "none", "--model-arg", "depth=3"], "--model-arg depth: not a parameter of --model gbdt"),
@@ -358,7 +358,7 @@ def test_compare_cli_errors_for_tree_models(extra, message, capsys):
 
 def test_network_compare_refuses_tree_settings(capsys):
     assert main(["compare", "--model", "tutorial_mlp", "--reg", "dart:0.1", "--epochs", "1"]) == 2
-    assert "--reg must be among" in capsys.readouterr().err
+    assert "argument --reg: must be among" in capsys.readouterr().err
 
 
 # -- the DART sweep -------------------------------------------------------------------------------

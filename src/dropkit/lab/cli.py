@@ -75,10 +75,11 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 
 def _add_debug(subparsers: argparse._SubParsersAction) -> None:
-    """``--debug`` also after the (sub)command's name, at every level; SUPPRESS keeps a subparser
-    from overwriting the value given before it."""
+    """``--debug`` also after the (sub)command's name, at every level; a SUPPRESS default keeps a
+    subparser from overwriting the value given before it."""
     for sub in subparsers.choices.values():
-        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="show the full traceback of any error")
         for action in sub._actions:
             if isinstance(action, argparse._SubParsersAction):
                 _add_debug(action)

@@ -65,7 +65,7 @@ def reg_settings(model: str, regs: list[str], *, p: float, l2: float, max_norm: 
     settings = []
     for reg in regs:
         if reg not in REGULARISERS:
-            raise ValueError(f"--reg must be among {', '.join(REGULARISERS)}, got {reg!r}")
+            raise ValueError(f"argument --reg: must be among {', '.join(REGULARISERS)}, got {reg!r}")
         parts = set(reg.split("+"))
         overrides, kwargs = ({"p": p}, {}) if "dropout" in parts else (dict(no_dropout[0]), dict(no_dropout[1]))
         if "l2" in parts:

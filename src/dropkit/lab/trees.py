@@ -138,7 +138,7 @@ def tree_settings(regs: list[str]) -> list[TreeSetting]:
         elif kind == "rf":
             settings.append(TreeSetting(reg, "rf", _rate(rest, reg) if sep else None))
         else:
-            raise ValueError(f"--reg for a tree model must be among {accepted}; got {reg!r}")
+            raise ValueError(f"argument --reg: for a tree model it must be among {accepted}; got {reg!r}")
     labels = [s.label for s in settings]
     if len(set(labels)) != len(labels):
         raise ValueError(f"--reg settings must differ, got {labels}")
