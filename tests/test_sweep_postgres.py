@@ -39,9 +39,27 @@ HANG_LIMIT = 600
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-def _start(out: Path, url: str, log: Path, *args: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
+#: ``dropkit sweep`` whose worker stops itself (SIGSTOP) right after its first trial reports its
+#: first epoch: the test then knows, without racing the worker, which trial it holds
+FREEZING_SWEEP = (
+    "import os, signal, sys\n"
+    "from dropkit.lab.sweep.trial import EpochReport\n"
+    "report = EpochReport.on_epoch_end\n"
+    "def on_epoch_end(self, model, epoch, row):\n"
+    "    report(self, model, epoch, row)\n"
+    "    if not getattr(EpochReport, 'frozen', False):\n"
+    "        EpochReport.frozen = True\n"
+    "        os.kill(os.getpid(), signal.SIGSTOP)\n"
+    "EpochReport.on_epoch_end = on_epoch_end\n"
+    "from dropkit.lab.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def _start(out: Path, url: str, log: Path, *args: str, prefix: tuple[str, ...] = (),
+           entry: tuple[str, ...] = ("-m", "dropkit")) -> subprocess.Popen:
     """Start one ``dropkit sweep`` command on the shared study, its output to ``log``."""
-    command = [*prefix, sys.executable, "-m", "dropkit", "sweep", "--storage", url, "--study", STUDY,
+    command = [*prefix, sys.executable, *entry, "sweep", "--storage", url, "--study", STUDY,
                "--out", str(out), *SMALL, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with open(log, "w") as handle:
@@ -93,6 +111,12 @@ def _wait_for(condition, what: str, limit: float = HANG_LIMIT, procs: list[subpr
         assert all(p.poll() is None for p in procs), f"a worker ended while waiting for {what}"
         time.sleep(0.2)
     pytest.fail(f"no {what} within {limit} s")
+
+
+def _stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped by a signal (state T in /proc)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] == "T"
 
 
 def _report(**figures) -> None:
@@ -164,9 +188,9 @@ def _can_be_another_host() -> bool:
 
 @pytest.mark.parametrize("where", ["same-machine", "other-machine"])
 def test_a_killed_worker_loses_only_its_trial_which_a_live_worker_runs_again(tmp_path, postgres_url, where):
-    """Worker A starts first and is frozen (SIGSTOP) once a trial of its own has reported an
-    epoch, so that trial is the one it holds whatever the machine's speed; worker B starts, and A
-    is killed with SIGKILL. On the same machine, B sees A's process gone; A on another machine
+    """Worker A starts first and stops itself (SIGSTOP) once its first trial has reported an
+    epoch, so the test knows the trial it holds whatever the machine's speed; worker B starts, and
+    A is killed with SIGKILL. On the same machine, B sees A's process gone; A on another machine
     (another host name, in a UTS namespace) is found dead by Optuna's heartbeat, older than
     --stale-after. B fails A's trial, queues its rates again and trains them; the study ends with
     exactly the requested trials."""
@@ -179,24 +203,11 @@ def test_a_killed_worker_loses_only_its_trial_which_a_live_worker_runs_again(tmp
     args = ("--trials", str(n), "--epochs", "3", "--limit-train", "3000", "--pruner", "halving",
             "--stale-after", str(stale))
     out, logs = tmp_path / "runs", [tmp_path / "a.log", tmp_path / "b.log"]
-    a = _start(out, postgres_url, logs[0], *args, prefix=prefix)
-
-    def a_mid_trial():
-        return next((t for t in _trials(postgres_url) if t.state == TrialState.RUNNING
-                     and t.user_attrs.get("owner", {}).get("pid") == a.pid and t.intermediate_values), None)
-
-    def a_frozen_mid_trial():
-        """Freeze A while it holds a trial with a reported epoch (thawed again if the trial ended
-        between the look and the freeze); the trial, or None."""
-        if a_mid_trial() is None:
-            return None
-        a.send_signal(signal.SIGSTOP)
-        held = a_mid_trial()
-        if held is None:
-            a.send_signal(signal.SIGCONT)
-        return held
-
-    victim = _wait_for(a_frozen_mid_trial, "trial of worker A with a reported epoch", procs=[a])
+    a = _start(out, postgres_url, logs[0], *args, prefix=prefix, entry=("-c", FREEZING_SWEEP))
+    _wait_for(lambda: _stopped(a.pid), "worker A to stop itself after its first epoch", procs=[a])
+    victim = next(t for t in _trials(postgres_url) if t.state == TrialState.RUNNING
+                  and t.user_attrs.get("owner", {}).get("pid") == a.pid)
+    assert victim.intermediate_values
     b = _start(out, postgres_url, logs[1], *args)
     a.send_signal(signal.SIGKILL)
     killed_at = time.time()
