@@ -251,17 +251,19 @@ def test_a_sweep_with_other_settings_is_refused(tmp_path, postgres_url):
 
 
 def test_a_server_restarted_mid_sweep_costs_a_wait_not_the_sweep(tmp_path, postgres_server, postgres_url):
-    """The server goes down (fast shutdown: every connection closed) while two workers train, and
-    comes back 5 s later. The workers retry and finish exactly the requested trials."""
+    """The server goes down (fast shutdown: every connection closed) while two workers are inside
+    the sweep, and comes back 5 s later. The workers retry and finish exactly the requested trials."""
     n = 4
     out, logs = tmp_path / "runs", [tmp_path / "a.log", tmp_path / "b.log"]
     procs = [_start(out, postgres_url, log, "--trials", str(n), "--epochs", "3", "--limit-train", "3000",
-                    "--pruner", "halving") for log in logs]
-    _wait_for(lambda: any(t.state == TrialState.RUNNING and t.intermediate_values for t in _trials(postgres_url)),
-              "trial with a reported epoch", procs=procs)
+                    "--pruner", "halving", entry=entry)
+             for log, entry in zip(logs, [("-c", FREEZING_SWEEP), ("-m", "dropkit")])]
+    # A stops itself inside a trial, so the sweep cannot end before the server goes down
+    _wait_for(lambda: _stopped(procs[0].pid), "worker A to stop itself after its first epoch", procs=procs)
     start = time.monotonic()
     postgres_server.stop("fast")
     down_at = time.monotonic()
+    procs[0].send_signal(signal.SIGCONT)
     time.sleep(5)
     postgres_server.start()
     up_at = time.monotonic()
@@ -281,11 +283,11 @@ def test_a_server_that_stays_down_fails_the_workers_in_bounded_time_naming_it(tm
                                                                             postgres_url):
     out, log = tmp_path / "runs", tmp_path / "a.log"
     proc = _start(out, postgres_url, log, "--trials", "4", "--epochs", "3", "--limit-train", "3000",
-                  "--pruner", "halving", "--storage-timeout", "10")
-    _wait_for(lambda: any(t.state == TrialState.RUNNING and t.intermediate_values for t in _trials(postgres_url)),
-              "trial with a reported epoch", procs=[proc])
-    postgres_server.stop("immediate")
+                  "--pruner", "halving", "--storage-timeout", "10", entry=("-c", FREEZING_SWEEP))
+    _wait_for(lambda: _stopped(proc.pid), "the worker to stop itself after its first epoch", procs=[proc])
+    postgres_server.stop("immediate")  # the server goes while the worker is inside a trial
     down_at = time.monotonic()
+    proc.send_signal(signal.SIGCONT)
     try:
         assert _wait([proc], [log], limit=120) == [1]
         took = time.monotonic() - down_at
@@ -356,6 +358,6 @@ def test_the_readme_recipe_runs_as_written_on_two_machines(tmp_path, postgres_se
     assert all(winners) and winners[0].group(0) == winners[1].group(0), _outputs(logs)
     if private is not None:  # the winner's run is on one machine only: the other trains it again
         assert sum("training it again there for its test accuracy" in log.read_text() for log in logs) >= 1
-        assert {t.user_attrs["owner"]["host"] for t in trials if "owner" in t.user_attrs} == {"machine0", "machine1"}
+    # which machine trains how many trials depends on their speed: a fast one may take them all
     _report(test="README recipe, 2 machines x 2 workers", private_filesystems=private is not None,
             trials=len(trials), finished=sum(t.state in FINISHED for t in trials))
