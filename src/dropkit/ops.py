@@ -103,6 +103,7 @@ def _relu_dropout(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor
 @_masked.register_fake
 @_masked_from_bits.register_fake
 @_relu_dropout.register_fake
+@_gaussian.register_fake
 def _masked_fake(x, *_):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
@@ -111,11 +112,6 @@ def _masked_fake(x, *_):
 def _masked_save_bits_fake(x, seed, p, kind):
     bits = x.new_empty(((x.numel() + 7) // 8,), dtype=torch.uint8)
     return torch.empty_like(x, memory_format=torch.contiguous_format), bits
-
-
-@_gaussian.register_fake
-def _gaussian_fake(x, seed, p):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @_keep_mask.register_fake
