@@ -101,6 +101,29 @@ def test_batched_sampling_is_exact_without_matrix_products():
     assert torch.equal(sequential, mc.mc_samples(model, x, samples=9, seed=4, memory_budget=BIG))
 
 
+def test_element_wise_layers_draw_every_pass_of_a_forward_in_one_kernel_call(monkeypatch):
+    model = nn.Sequential(nn.Linear(16, 16), dnn.ReLUDropout(0.5), nn.Linear(16, 16), dnn.Dropout(0.25))
+    x = torch.randn(8, 16)  # 128 elements a pass: whole Philox counters at every draw width
+    calls = []
+    masked = mc.kernels.masked
+    monkeypatch.setattr(mc.kernels, "masked", lambda part, *a, **k: calls.append(part.shape[0]) or masked(part, *a, **k))
+    batched = mc.mc_samples(model, x, samples=6, seed=3, memory_budget=BIG)
+    assert calls == [8, 8, 40, 40]  # the measured first pass, then passes 1-5 in one forward: one call a layer
+    assert torch.equal(batched, mc.mc_samples(model, x, samples=6, seed=3, memory_budget=0))
+
+
+def test_one_call_passes_read_consecutive_counters_of_the_layer_stream():
+    # pass t of a dropkit Dropout reads the layer's stream from counter t * (counters a pass)
+    ones = torch.ones(3, 40)
+    samples = mc.mc_samples(nn.Sequential(dnn.Dropout(0.5)), ones, samples=4, seed=9, memory_budget=BIG)
+    layer_seed = dropkit.rng.derive_seed(9, mc._LAYER_STREAM, 0, 0)
+    width = dropkit.rng.keep_threshold(0.5)[0]
+    counters = -(-ones.numel() * width // dropkit.rng.BITS_PER_COUNTER)
+    for t in range(4):
+        expected = mc.kernels.masked(ones, layer_seed, 0.5, "dropout", offset=t * counters)[0]
+        assert torch.equal(samples[t], expected)
+
+
 def test_chunked_budget_gives_the_same_samples():
     model = nn.Sequential(nn.Tanh(), dnn.Dropout(0.5), nn.Dropout(0.3))
     x = torch.randn(10, 6)

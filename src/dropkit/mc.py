@@ -20,19 +20,23 @@ the fused kernel, not a module, and stays off (a warning says so).
 
 Batched sampling. The T passes run as a few large forwards: the batch is replicated ``R`` times
 (pass-major: rows ``r*N .. (r+1)*N - 1`` are pass ``r``), with ``R`` set by a memory budget, so the
-layers without randomness run one large product instead of ``R`` small ones. Each pass ``t`` has
-its own seed ``derive_seed(seed, t)``; inside a forward, every sampling module splits its input
-into the ``R`` passes and draws the masks of pass ``r`` from ``derive_seed(pass seed, module index,
-call)`` alone. A pass's masks therefore depend on its seed and the per-pass shape only, never on
-how many passes share a forward: with the same ``seed`` the samples are the same whatever the
-budget, including one pass per forward (sequential sampling).
+layers without randomness run one large product instead of ``R`` small ones. dropkit's element-wise
+layers (``Dropout``, ``ReLUDropout``, ``AlphaDropout`` and ``GaussianDropout`` without a
+``mask_shape``) on a batch-first input draw every pass of a forward in one kernel call: call ``c``
+of the layer with index ``i`` reads the Philox stream of ``derive_seed(seed, i, c)``, pass ``t``
+at the counters after those of passes ``0 .. t-1`` (each pass starts at a fresh counter). Every
+other sampling module splits its input into the ``R`` passes and draws the masks of pass ``t``
+from torch's generator seeded with ``derive_seed(derive_seed(seed, t), i, c)``. Either way a pass's
+masks depend on ``seed``, its index and the per-pass shape only, never on how many passes share a
+forward: with the same ``seed`` the samples are the same whatever the budget, including one pass
+per forward (sequential sampling).
 """
 
 from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +44,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dropkit import rng
+from dropkit import kernels, rng
+from dropkit import nn as dnn
 from dropkit.concrete import ConcreteDropout
 from dropkit.convert import TWINS
 from dropkit.nn import DropoutLayer, LockedDropout
@@ -69,6 +74,12 @@ DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 #: stream of :func:`dropkit.rng.derive_seed` that the pass seeds come from
 _PASS_STREAM = 3
+#: stream of :func:`dropkit.rng.derive_seed` that the keys of the one-call layers come from
+_LAYER_STREAM = 4
+
+#: layers whose passes are drawn in one kernel call when they have no ``mask_shape``: the kernel's kind
+_ONE_CALL_KINDS = {dnn.Dropout: "dropout", dnn.ReLUDropout: "relu_dropout", dnn.AlphaDropout: "alpha",
+                   dnn.GaussianDropout: "gaussian"}
 
 
 def _is_structured(module: nn.Module) -> bool:
@@ -162,6 +173,9 @@ class _Sampler:
         self.layers = layers
         self.dims = {id(m): _preferred_dim(name, m, model) for name, m in layers}
         self.index = {id(m): i for i, (_, m) in enumerate(layers)}
+        self.kinds = {id(m): _one_call_kind(m) for _, m in layers}
+        self.seed = 0
+        self.start = 0  # index of the first pass of the current forward
         self.seeds: list[int] = []
         self.rows = 0
         self.current: int | None = None  # the pass being computed inside a module, if any
@@ -189,10 +203,10 @@ class _Sampler:
                 if hasattr(module, "generator"):
                     module.generator = generator
 
-    def forward(self, model: nn.Module, x: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
-        """``len(seeds)`` passes of ``model`` on ``x``: output ``(passes, *model(x).shape)``."""
-        self.seeds, self.calls, self.cuda = list(seeds), {}, x.is_cuda
-        passes = len(seeds)
+    def forward(self, model: nn.Module, x: torch.Tensor, seed: int, start: int, passes: int) -> torch.Tensor:
+        """Passes ``start .. start + passes - 1`` of ``model`` on ``x``: output ``(passes, *model(x).shape)``."""
+        self.seed, self.start, self.calls, self.cuda = seed, start, {}, x.is_cuda
+        self.seeds = [rng.derive_seed(seed, _PASS_STREAM, t) for t in range(start, start + passes)]
         batch = x.repeat(passes, *([1] * (x.dim() - 1))) if passes > 1 else x
         self.rows = batch.shape[0]
         out = model(batch)
@@ -208,6 +222,9 @@ class _Sampler:
             if self.current is not None:  # inside another sampling module's pass: one pass of input
                 return self._one_pass(key, self.current, forward, args, kwargs)
             passes, dim = len(self.seeds), self.dims[key]
+            if self.kinds[key] is not None and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) \
+                    and args[0].dim() > 0 and args[0].shape[0] == self.rows:
+                return self._one_call(module, key, forward, args[0])
             pieces = _split(module, args, kwargs, passes, dim, self.rows)
             outs = []
             for r, (a, k) in enumerate(pieces):
@@ -233,6 +250,41 @@ class _Sampler:
         args = tuple(_contiguous(a) for a in args)
         kwargs = {k: _contiguous(v) for k, v in kwargs.items()}
         return forward(*args, **kwargs)
+
+
+    def _one_call(self, module: nn.Module, key: int, forward, x: torch.Tensor) -> torch.Tensor:
+        """Every pass of an element-wise dropkit layer on the replicated batch ``x``, in one kernel
+        call when each pass fills whole Philox counters, else one call per pass (same masks)."""
+        call = self.calls.get((-1, key), 0)  # pass -1: the calls that cover every pass
+        self.calls[(-1, key)] = call + 1
+        p, kind = module.p, self.kinds[key]
+        if not 0.0 < p < 1.0 or x.numel() == 0:  # nothing random: the identity, or every unit dropped
+            return forward(x)
+        layer_seed = rng.derive_seed(self.seed, _LAYER_STREAM, self.index[key], call)
+        passes = len(self.seeds)
+        per_pass = x.numel() // passes
+        if kind == "gaussian":
+            bits = rng.BITS_PER_COUNTER // 2  # two normal draws per Philox call
+
+            def draw(part: torch.Tensor, offset: int) -> torch.Tensor:
+                return kernels.gaussian(part, layer_seed, p, offset)
+        else:
+            bits = rng.keep_threshold(p)[0]
+
+            def draw(part: torch.Tensor, offset: int) -> torch.Tensor:
+                return kernels.masked(part, layer_seed, p, kind, offset=offset)[0]
+        counters = -(-per_pass * bits // rng.BITS_PER_COUNTER)
+        if per_pass * bits % rng.BITS_PER_COUNTER == 0:  # the passes lie end to end in one stream
+            out = draw(x, self.start * counters)
+        else:
+            out = torch.cat([draw(part, (self.start + r) * counters) for r, part in enumerate(x.chunk(passes))])
+        return x.copy_(out) if module.inplace else out.view(x.shape)
+
+
+def _one_call_kind(module: nn.Module) -> str | None:
+    """The kernel kind of a layer drawn in one call (see the module docstring), else None."""
+    kind = _ONE_CALL_KINDS.get(type(module))
+    return kind if kind is not None and getattr(module, "mask_shape", None) is None else None
 
 
 def _contiguous(value: Any) -> Any:
@@ -364,13 +416,12 @@ def mc_samples(model: nn.Module, x: torch.Tensor, samples: int = 30, *, seed: in
     rng.check_seed(seed)
     if not isinstance(x, torch.Tensor) or x.dim() == 0:
         raise ValueError(f"x must be a batch-first tensor (N, ...), got {type(x).__name__}")
-    seeds = [rng.derive_seed(seed, _PASS_STREAM, t) for t in range(samples)]
     with dropout_active(model) as layers, _Sampler(model, layers).installed() as sampler:
-        first, pass_bytes = _output_bytes(model, lambda: sampler.forward(model, x, seeds[:1]))
+        first, pass_bytes = _output_bytes(model, lambda: sampler.forward(model, x, seed, 0, 1))
         outs = [first]
         per_forward = max(1, memory_budget // max(pass_bytes, 1))
         for start in range(1, samples, per_forward):
-            outs.append(sampler.forward(model, x, seeds[start:start + per_forward]))
+            outs.append(sampler.forward(model, x, seed, start, min(per_forward, samples - start)))
     return torch.cat(outs)
 
 
