@@ -1,4 +1,5 @@
-"""The fused ``residual + dropout(act(x + bias))``: functional, module, ``dropkit.fuse``, README example.
+"""The fused ``residual + dropout(act(x + bias))``: functional, module, the residual form of
+``Dropout``, ``dropkit.fuse``, README example.
 
 The CPU path is a composition of dropkit's ops and must equal the unfused ops bit for bit with the
 same seed; the Triton path (under the interpreter on CPU tensors without a GPU, see
@@ -147,7 +148,8 @@ def test_triton_path_equals_the_cpu_path(activation, dtype, monkeypatch):
 
 @needs_triton
 def test_triton_fused_backward_keeps_only_the_seed_without_an_activation(monkeypatch):
-    """activation="none": nothing per element is kept for backward; relu/gelu keep their input x."""
+    """activation="none": no tensor is kept for backward (eager mode holds the seed as a Python int
+    on the autograd node); relu/gelu keep their input x and the bias."""
     monkeypatch.setenv(kernels.ENV, "triton")
     x, bias, residual, _ = inputs(shape=(4, 300))
     saved = {}
@@ -162,8 +164,8 @@ def test_triton_fused_backward_keeps_only_the_seed_without_an_activation(monkeyp
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             DF.bias_act_dropout(xi, bi, 0.2, activation=activation, residual=residual.to(DEVICE), training=True)
         saved[activation] = sorted(t.numel() for t in kept)
-    assert saved["none"] == [1]  # the 0-dim seed
-    assert saved["gelu"] == sorted([1, 300, 4 * 300])  # seed, bias, x
+    assert saved["none"] == []
+    assert saved["gelu"] == sorted([300, 4 * 300])  # bias, x
     assert ops.FUSED_SAVED["none"] == "nothing"
 
 
@@ -222,6 +224,96 @@ def test_fuse_gives_the_same_outputs_and_gradients_from_the_same_seeds():
 def test_fuse_leaves_torchs_own_dropout_and_shared_masks_alone():
     net = nn.Sequential(nn.GELU(), nn.Dropout(0.1), nn.GELU(), dnn.Dropout(0.1, mask_shape=(1, None)))
     assert dropkit.fuse(net) == 0
+
+
+# --- the residual form: Dropout(x, residual=r) and what fuse makes of it ------------------------------
+
+def paths():
+    return ["auto", "triton"] if kernels.triton_available() else ["auto"]
+
+
+def device_of(path: str) -> str:
+    return DEVICE if path == "triton" else "cpu"
+
+
+@pytest.mark.parametrize("path", paths())
+@pytest.mark.parametrize("mask_shape", [None, (None, 1)])
+def test_dropout_with_residual_is_residual_plus_dropout_with_the_same_mask(mask_shape, path, monkeypatch):
+    """``layer(x, residual=r)`` against ``r + layer(x)`` from the same seed: outputs and the
+    gradients of x and r bit for bit (on the triton path one fused kernel each way)."""
+    monkeypatch.setenv(kernels.ENV, path)
+    x, _, residual, grad = (t.to(device_of(path)) for t in inputs(shape=(3, 300)))
+    results = []
+    for with_residual in (True, False):
+        layer = dnn.Dropout(0.3, mask_shape=mask_shape, seed=4)
+        xi, ri = x.clone().requires_grad_(), residual.clone().requires_grad_()
+        y = layer(xi, residual=ri) if with_residual else ri + layer(xi)
+        y.backward(grad)
+        results.append((y.detach(), xi.grad, ri.grad))
+    for got, want in zip(*results):
+        assert_bitwise_equal(got, want)
+    assert bool((results[0][0] == residual).any()) and bool((results[0][0] != residual).any())
+    layer = dnn.Dropout(0.3, mask_shape=mask_shape).eval()
+    assert_bitwise_equal(layer(x, residual=residual), residual + x)
+    with pytest.raises(ValueError, match=r"residual must have shape \[3, 300\] for an input of shape \[3, 300\]"):
+        layer(x, residual=residual[0])
+
+
+class ResidualMLP(nn.Module):
+    """A block that says where its residual add is: ``self.drop(self.act(h), residual=x)``."""
+
+    def __init__(self, activation: str, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc = nn.Linear(16, 16)
+        self.act = nn.ReLU() if activation == "relu" else nn.GELU()
+        self.drop = dnn.Dropout(0.3)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.drop(self.act(self.fc(x)), residual=x))
+
+
+class ActivationReadTwice(ResidualMLP):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.drop(self.act(self.fc(x)), residual=x) + self.act(x))
+
+
+@pytest.mark.parametrize("path", paths())
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_fuse_puts_a_fused_layer_where_a_module_calls_its_dropout_with_residual(activation, path, monkeypatch):
+    """The pair becomes one BiasActDropout that the module calls with ``residual=``: the same outputs
+    and gradients as the unfused block from the same seeds (bit for bit, except Triton's GELU,
+    whose erf is not torch's: within 4 float32 epsilons of the largest value, as above)."""
+    monkeypatch.setenv(kernels.ENV, path)
+    plain, fused = ResidualMLP(activation).to(device_of(path)), ResidualMLP(activation).to(device_of(path))
+    assert dropkit.fuse(fused) == 1
+    assert isinstance(fused.act, nn.Identity) and isinstance(fused.drop, dnn.BiasActDropout)
+    assert fused.drop.activation == activation and fused.drop.p == 0.3 and fused.drop.bias is None
+    assert list(plain.state_dict()) == list(fused.state_dict())
+    x = torch.randn(6, 16, device=device_of(path))
+    results = []
+    for model in (plain, fused):
+        torch.manual_seed(11)
+        out = model(x)
+        out.sum().backward()
+        results.append([out.detach()] + [q.grad for q in model.parameters()])
+    for got, want in zip(results[1], results[0]):
+        if activation == "gelu" and path == "triton":
+            eps = torch.finfo(torch.float32).eps
+            torch.testing.assert_close(got, want, rtol=4 * eps, atol=4 * eps * float(want.abs().max()))
+        else:
+            assert_bitwise_equal(got, want)
+
+
+def test_fuse_leaves_a_residual_pair_alone_when_the_activation_is_read_elsewhere():
+    assert dropkit.fuse(ActivationReadTwice("gelu")) == 0
+    inplace = ResidualMLP("relu")
+    inplace.act = nn.ReLU(inplace=True)  # its input could be read after it
+    assert dropkit.fuse(inplace) == 0
+    torch_dropout = ResidualMLP("gelu")
+    torch_dropout.drop = nn.Dropout(0.3)
+    assert dropkit.fuse(torch_dropout) == 0
 
 
 # --- the README example ---------------------------------------------------------------------------

@@ -162,6 +162,24 @@ def test_the_seed_may_be_a_tensor_read_inside_the_kernel():
     assert_bitwise_equal(gpu.gaussian(x, seed, 0.2), gpu.gaussian(x, BIG_SEED, 0.2))
 
 
+@pytest.mark.parametrize("bits", rng.RATE_BITS)
+def test_rate_params_are_what_a_launch_with_a_python_float_passes(bits):
+    """The rate kernels' parameters, computed by torch ops from a rate tensor: the draw width and
+    threshold of rng.keep_threshold (rounding ties to even included) and the float32 constants."""
+    ties = [2**-17, 3 * 2**-17, 2**-9, 3 * 2**-9]  # p * 2**bits half-way between integers
+    rates = [0.0, 1e-6, 1 / 256, 0.1, 0.25, 0.3, 0.5, 0.7, 0.75, 0.9, 1 - 2**-17, *ties]
+    previous = rng.set_rate_bits(bits)
+    try:
+        for kind in (*reference.KINDS, "gaussian"):
+            for p in rates:
+                params = gpu.rate_params(torch.tensor(p, dtype=torch.float64), kind, bits)
+                constants = (math.sqrt(p / (1 - p)), 0.0, 0.0) if kind == "gaussian" else gpu._constants(kind, p)
+                expected = torch.tensor([*rng.keep_threshold(p), *constants], dtype=torch.float32)
+                assert torch.equal(params.view(torch.int32), expected.view(torch.int32)), (kind, p)
+    finally:
+        rng.set_rate_bits(previous)
+
+
 def test_empty_inputs_launch_nothing():
     x = torch.empty(0, device=DEVICE)
     out, bits = kernels.masked(x, 1, 0.5, "dropout", save_bits=True)
@@ -313,7 +331,7 @@ def test_cuda_without_triton_runs_the_reference_and_warns_once_why(monkeypatch):
 # --- torch integration: the dropkit::triton_* ops ---------------------------------------------------------
 
 TRITON_OPS = ("triton_masked", "triton_masked_save_bits", "triton_masked_from_bits", "triton_relu_dropout",
-              "triton_gaussian", "triton_bias_act_dropout", "triton_bias_act_dropout_backward")
+              "triton_gaussian", "triton_keep_mask", "triton_bias_act_dropout", "triton_bias_act_dropout_backward")
 
 
 def test_triton_ops_are_registered_with_fake_implementations_of_the_right_shapes():
@@ -324,34 +342,41 @@ def test_triton_ops_are_registered_with_fake_implementations_of_the_right_shapes
         assert hasattr(torch.ops.dropkit, name), name
     with FakeTensorMode() as mode:
         x = mode.from_tensor(torch.empty(3, 1001, dtype=torch.bfloat16, device=DEVICE))
-        seed = mode.from_tensor(torch.tensor(5))
-        out = torch.ops.dropkit.triton_masked(x, seed, 0.5, "dropout")
+        seed = mode.from_tensor(torch.tensor(5, device=DEVICE))
+        rate = mode.from_tensor(torch.tensor(0.5, dtype=torch.float64, device=DEVICE))
+        out = torch.ops.dropkit.triton_masked(x, seed, rate, 16, "dropout")
         assert out.shape == (3, 1001) and out.dtype == torch.bfloat16
-        out, bits = torch.ops.dropkit.triton_masked_save_bits(x, seed, 0.5, "alpha")
+        out, bits = torch.ops.dropkit.triton_masked_save_bits(x, seed, rate, 16, "alpha")
         assert out.shape == (3, 1001) and bits.shape == (376,) and bits.dtype == torch.uint8
-        assert torch.ops.dropkit.triton_masked_from_bits(x, bits, 0.5, "dropout").shape == (3, 1001)
-        assert torch.ops.dropkit.triton_gaussian(x, seed, 0.5).shape == (3, 1001)
+        assert torch.ops.dropkit.triton_masked_from_bits(x, bits, rate, "dropout").shape == (3, 1001)
+        assert torch.ops.dropkit.triton_gaussian(x, seed, rate).shape == (3, 1001)
+        keep = torch.ops.dropkit.triton_keep_mask(seed, rate, 16, [3, 1, 7])
+        assert keep.shape == (3, 1, 7) and keep.dtype == torch.bool and keep.device == x.device
         bias = mode.from_tensor(torch.empty(1001, dtype=torch.bfloat16, device=DEVICE))
-        assert torch.ops.dropkit.triton_bias_act_dropout(x, bias, seed, 0.1, "gelu", x).shape == (3, 1001)
+        assert torch.ops.dropkit.triton_bias_act_dropout(x, bias, seed, rate, 16, "gelu", x).shape == (3, 1001)
 
 
 @pytest.mark.parametrize("kind", ["dropout", "alpha"])
 def test_triton_ops_equal_the_kernels_and_their_gradients_the_reference(kind):
-    """The ops a compiled graph runs: the seed as a tensor, autograd from the seed or the bits."""
+    """The ops a compiled graph runs: the seed and the rate as tensors, autograd from the seed or the bits."""
     ops.triton_ops()
-    p, seed = 0.3, torch.tensor(BIG_SEED)
+    p, seed = 0.3, torch.tensor(BIG_SEED, device=DEVICE)
+    rate = torch.tensor(p, dtype=torch.float64, device=DEVICE)
     x = sample(1500, torch.float32).to(DEVICE).requires_grad_()
     grad = sample(1500, torch.float32, seed=1)
     keep = reference.keep_mask(BIG_SEED, p, (1500,))
     grad_kind = "dropout" if kind == "dropout" else "alpha_grad"
     for op in (torch.ops.dropkit.triton_masked, lambda *a: torch.ops.dropkit.triton_masked_save_bits(*a)[0]):
-        y = op(x, seed, p, kind)
+        y = op(x, seed, rate, rng.rate_bits(), kind)
         (gx,) = torch.autograd.grad(y, x, grad.to(DEVICE))
         assert_bitwise_equal(y.detach(), reference.masked(x.detach().cpu(), keep, kind, p))
         assert_bitwise_equal(gx, reference.masked(grad, keep, grad_kind, p))
-    y = torch.ops.dropkit.triton_relu_dropout(x, seed, p)
+    y = torch.ops.dropkit.triton_relu_dropout(x, seed, rate, rng.rate_bits())
     (gx,) = torch.autograd.grad(y, x, grad.to(DEVICE))
     assert_bitwise_equal(gx, reference.relu_dropout_grad(grad, y.detach().cpu(), p))
+    shape = (3, 1, 7)
+    assert torch.equal(torch.ops.dropkit.triton_keep_mask(seed, rate, rng.rate_bits(), list(shape)).cpu(),
+                       reference.keep_mask(BIG_SEED, p, shape))
 
 
 class _Net(torch.nn.Module):
@@ -420,15 +445,91 @@ def test_checkpoint_recomputation_reproduces_masks_and_gradients(saved):
         assert torch.equal(plain, recomputed)
 
 
-def test_a_compiled_graph_draws_a_fresh_seed_at_every_call():
-    """The seed is a graph input drawn from torch's generator, not a constant baked into the graph."""
-    f = torch.compile(lambda x: DF.dropout(x, 0.5, training=True), fullgraph=True, backend="aot_eager")
-    x = torch.ones(1000, device=DEVICE)
-    assert not torch.equal(f(x), f(x))
+def _masks_of_every_kind(x: torch.Tensor) -> torch.Tensor:
+    """An element-wise mask, a shared one, a fused op and Gaussian noise, summed."""
+    return (DF.dropout(x, 0.5, training=True) + DF.dropout1d(x, 0.25, training=True)
+            + DF.bias_act_dropout(x, None, 0.1, training=True, activation="relu", residual=x)
+            + DF.gaussian_dropout(x, 0.2, training=True))
+
+
+def test_a_compiled_graph_reads_a_fresh_seed_at_every_call_and_draws_eagers_masks():
+    """No seed is a constant of the graph (a replayed CUDA graph would repeat its masks forever):
+    it is drawn in the graph from torch's generator and enters the kernels as a tensor. Two calls
+    of one graph draw different masks, the very masks eager mode draws from the same generator
+    state, and the second call compiles nothing."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    f = torch.compile(_masks_of_every_kind, fullgraph=True, backend=counter)
+    x = torch.ones(2, 8, 70, device=DEVICE)
     torch.manual_seed(3)
-    first = f(x)
+    first, second = f(x), f(x)
     torch.manual_seed(3)
-    assert torch.equal(first, f(x))
+    assert torch.equal(first, _masks_of_every_kind(x)) and torch.equal(second, _masks_of_every_kind(x))
+    assert not torch.equal(first, second)
+    assert counter.frame_count == 1
+    code = counter.graphs[0].code
+    for op in ("triton_masked", "triton_keep_mask", "triton_bias_act_dropout", "triton_gaussian"):
+        assert f"torch.ops.dropkit.{op}" in code, op
+    assert code.count("torch.randint") == 4  # one seed drawn per op, in the graph
+    torch._dynamo.reset()
+
+
+SHARED_MASKS = {
+    "dropout1d": lambda x: DF.dropout1d(x, 0.5, training=True, seed=3),
+    "locked_dropout": lambda x: DF.locked_dropout(x, 0.25, training=True, seed=4),
+    "drop_path": lambda x: DF.drop_path(x, 0.1, training=True, seed=5),
+    "feature_alpha_dropout": lambda x: DF.feature_alpha_dropout(x, 0.3, training=True, seed=6),
+    "drop_block2d": lambda x: DF.drop_block2d(x[:, :, :, None].expand(-1, -1, -1, 5), 0.3, 2, training=True, seed=7),
+}
+
+
+class _Launches:
+    """Wraps ``gpu._launch``: notes each kernel launched with the device of its first tensor, and
+    runs it unless that is the meta device (whose tensors hold no memory)."""
+
+    def __init__(self) -> None:
+        self.kernels = []
+
+    def __call__(self, launch):
+        log = self
+
+        class Grid:
+            def __init__(self, kernel, traceable) -> None:
+                self.kernel, self.traceable = kernel, traceable
+
+            def __getitem__(self, grid):
+                def call(*args, **kwargs):
+                    log.kernels.append((self.kernel, args[0].device))
+                    if args[0].device.type != "meta":
+                        launch(self.kernel, self.traceable)[grid](*args, **kwargs)
+                return call
+
+        return Grid
+
+
+@pytest.mark.parametrize("name", SHARED_MASKS)
+def test_shared_masks_come_from_the_triton_keep_mask_kernel_on_the_inputs_device(name, monkeypatch):
+    """The channel, locked and path variants draw their small masks with the Triton kernel on the
+    input's device, eager and compiled (no mask is drawn on the CPU and copied), and they are the
+    numba path's masks bit for bit. The meta device shows where the eager mask is drawn."""
+    op = SHARED_MASKS[name]
+    x = sample(4 * 6 * 9, torch.float32).reshape(4, 6, 9)
+    launches = _Launches()
+    monkeypatch.setattr(gpu, "_launch", launches(gpu._launch))
+    eager = op(x.to(DEVICE))
+    compiled = torch.compile(op, fullgraph=True, backend="aot_eager")(x.to(DEVICE))
+    assert [k for k, _ in launches.kernels] == [gpu._keep_mask_kernel, gpu._keep_mask_rate_kernel]
+    assert {device.type for _, device in launches.kernels} == {torch.device(DEVICE).type}
+    launches.kernels.clear()
+    op(torch.empty(4, 6, 9, device="meta"))
+    assert [(k, d.type) for k, d in launches.kernels] == [(gpu._keep_mask_kernel, "meta")]
+    monkeypatch.setenv(kernels.ENV, "numba")
+    expected = op(x)
+    assert_bitwise_equal(eager, expected)
+    assert_bitwise_equal(compiled, expected)
+    torch._dynamo.reset()
 
 
 # --- the kernels compile for a GPU ------------------------------------------------------------------------
@@ -459,14 +560,22 @@ for dtype, kind, seed in [("bf16", 0, "*i64"), ("bf16", 1, "*i64"), ("bf16", 2, 
     const = {"KIND": kind, "WIDTH": (16, 1, 2, 8)[kind], "SAVE_BITS": seed == "i64", "SEED_IN_TENSOR": seed != "i64",
              "BLOCK": gpu.BLOCK}
     out[f"masked {dtype} kind {kind} seed {seed}"] = float_ops(ptx(gpu._masked_kernel, sig, const))
+sig = {"x_ptr": "*bf16", "out_ptr": "*bf16", "bits_ptr": "*u8", "seed_ptr": "*i64", "params_ptr": "*fp32",
+       "offset": "i32", "n": "i32"}
+for kind in (0, 1):  # the rate read from memory: one branch per draw width
+    out[f"masked bf16 kind {kind} rate tensor"] = float_ops(ptx(gpu._masked_rate_kernel, sig, {
+        "KIND": kind, "SAVE_BITS": True, "BLOCK": gpu.BLOCK}))
 sig = {"x_ptr": "*bf16", "bits_ptr": "*u8", "out_ptr": "*bf16", "n": "i32", "a": "fp32", "b": "fp32", "c": "fp32"}
-out["from_bits bf16"] = float_ops(ptx(gpu._from_bits_kernel, sig, {"KIND": 1, "BLOCK": gpu.BLOCK}))
+out["from_bits bf16"] = float_ops(ptx(gpu._from_bits_kernel, sig, {
+    "KIND": 1, "RATE_IN_TENSOR": False, "BLOCK": gpu.BLOCK}))
+out["keep_mask rate tensor"] = float_ops(ptx(gpu._keep_mask_rate_kernel, {
+    "out_ptr": "*u8", "seed_ptr": "*i64", "params_ptr": "*fp32", "offset": "i32", "n": "i32"}, {"BLOCK": gpu.BLOCK}))
 out["keep_mask"] = float_ops(ptx(gpu._keep_mask_kernel, {"out_ptr": "*u8", "seed": "*i64", "offset": "i32",
                                                           "n": "i32", "thr": "i32"},
                                  {"WIDTH": 16, "SEED_IN_TENSOR": True, "BLOCK": gpu.BLOCK}))
 out["gaussian"] = float_ops(ptx(gpu._gaussian_kernel, {"x_ptr": "*bf16", "out_ptr": "*bf16", "seed": "i64",
                                                         "offset": "i64", "n": "i32", "sigma": "fp32"},
-                                {"SEED_IN_TENSOR": False, "BLOCK": gpu.BLOCK}))
+                                {"SEED_IN_TENSOR": False, "RATE_IN_TENSOR": False, "BLOCK": gpu.BLOCK}))
 sig = {"x_ptr": "*bf16", "bias_ptr": "*bf16", "residual_ptr": "*bf16", "out_ptr": "*bf16", "seed": "*i64",
        "n": "i32", "features": "i32", "thr": "i32", "scale": "fp32"}
 out["fused gelu"] = float_ops(ptx(gpu._bias_act_dropout_kernel, sig, {
@@ -475,6 +584,10 @@ sig = {"grad_ptr": "*bf16", "x_ptr": "*bf16", "bias_ptr": "*bf16", "grad_x_ptr":
        "n": "i32", "features": "i32", "thr": "i32", "scale": "fp32"}
 out["fused gelu backward"] = float_ops(ptx(gpu._bias_act_dropout_backward_kernel, sig, {
     "ACTIVATION": 2, "HAS_BIAS": True, "WIDTH": 16, "SEED_IN_TENSOR": True, "BLOCK": gpu.BLOCK}))
+sig = {"x_ptr": "*bf16", "bias_ptr": "*bf16", "residual_ptr": "*bf16", "out_ptr": "*bf16", "seed_ptr": "*i64",
+       "params_ptr": "*fp32", "n": "i32", "features": "i32"}
+out["fused gelu rate tensor"] = float_ops(ptx(gpu._bias_act_dropout_rate_kernel, sig, {
+    "ACTIVATION": 2, "HAS_BIAS": True, "HAS_RESIDUAL": True, "BLOCK": gpu.BLOCK}))
 print(json.dumps(out))
 """
 
@@ -504,7 +617,7 @@ def test_every_kernel_compiles_for_sm90_and_rounds_as_the_reference():
     run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     ops_by_kernel = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(ops_by_kernel) == 13, sorted(ops_by_kernel)
+    assert len(ops_by_kernel) == 17, sorted(ops_by_kernel)
     for name, float_ops in ops_by_kernel.items():
         if name.startswith(("masked", "from_bits")):
             assert not any(op.startswith("fma") for op in float_ops), (name, float_ops)
@@ -513,4 +626,4 @@ def test_every_kernel_compiles_for_sm90_and_rounds_as_the_reference():
             assert "div.rn.f32" in float_ops, name
         if name.startswith("masked") and " kind 1 " in name:
             assert {"mul.f32", "add.f32"} <= set(float_ops) or {"mul.rn.f32", "add.rn.f32"} <= set(float_ops), name
-    assert ops_by_kernel["keep_mask"] == []  # integers only
+    assert ops_by_kernel["keep_mask"] == ops_by_kernel["keep_mask rate tensor"] == []  # integers only

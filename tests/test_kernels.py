@@ -229,10 +229,14 @@ def test_op_outputs_and_gradients_equal_reference(op, kind, saved, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_relu_dropout_grad_kernel_equals_reference(dtype):
+    """Also with the rate as a 0-dim tensor, as a compiled graph passes it."""
+    rate = torch.tensor(0.35, dtype=torch.float64)
     for n in SIZES:
         out = kernels.masked(sample(n, dtype, seed=n), BIG_SEED, 0.35, "relu_dropout")[0]
         grad = sample(n, dtype, seed=n + 1)
-        assert_bitwise_equal(kernels.relu_dropout_grad(grad, out, 0.35), reference.relu_dropout_grad(grad, out, 0.35))
+        expected = reference.relu_dropout_grad(grad, out, 0.35)
+        assert_bitwise_equal(kernels.relu_dropout_grad(grad, out, 0.35), expected)
+        assert_bitwise_equal(kernels.relu_dropout_grad(grad, out, rate), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import pytest
 import torch
@@ -11,8 +12,25 @@ from torch._dynamo.utils import counters
 
 import dropkit
 from dropkit import functional as DF
+from dropkit import kernels
 from dropkit import nn as dnn
 from dropkit.lora import DropoutLinear
+from dropkit.seeded import SeededRate
+
+#: the Triton path's tensors: CUDA ones, or CPU ones under Triton's interpreter (conftest.py sets it without a GPU)
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") else "cpu"
+
+
+class _WithResidual(nn.Module):
+    """Calls ``layer(x, residual=x / 2)``: the residual form of the dropout layers."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x, residual=x / 2)
+
 
 #: the layers, each built at rate p
 LAYERS = {
@@ -26,6 +44,8 @@ LAYERS = {
     "LockedDropout": lambda p: dnn.LockedDropout(p),
     "DropPath": lambda p: dnn.DropPath(p),
     "DropBlock2d": lambda p: dnn.DropBlock2d(p, 3),
+    "Dropout_residual": lambda p: _WithResidual(dnn.Dropout(p)),
+    "BiasActDropout": lambda p: _WithResidual(dnn.BiasActDropout(p, activation="gelu", features=5)),
 }
 RATES = [0.5, 0.3, 0.2, 0.7, 0.11, 0.9, 0.25, 0.6]
 
@@ -41,16 +61,31 @@ def dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("name", LAYERS)
-def test_changing_p_keeps_fullgraph_and_one_graph_and_eager_masks(name, dynamo):
+#: one layer per kind of Triton kernel (element-wise masks, shared masks, Gaussian noise, the fused op)
+TRITON_LAYERS = ["Dropout", "ReLUDropout", "AlphaDropout", "FeatureAlphaDropout", "GaussianDropout", "DropPath",
+                 "DropBlock2d", "Dropout_residual", "BiasActDropout"]
+
+
+@pytest.mark.parametrize(("path", "name"), [("auto", name) for name in LAYERS] +
+                         [("triton", name) for name in TRITON_LAYERS])
+def test_changing_p_keeps_fullgraph_and_one_graph_and_eager_masks(path, name, dynamo, monkeypatch):
     """Eight rates, a recompile limit of 2: the first call specialises, the second makes the rate an
     input, and no rate after that compiles again (fullgraph would raise on the limit). The compiled
-    outputs and gradients equal eager mode's bit for bit from the same seed."""
+    outputs and gradients equal eager mode's bit for bit from the same seed. On the triton path the
+    graph runs the Triton kernels with the rate and the seed as tensors (on the interpreter without a GPU)."""
+    if path == "triton" and not kernels.triton_available():
+        pytest.skip("Triton is not installed")
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    monkeypatch.setenv(kernels.ENV, path)
     layer = LAYERS[name](0.5)
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-    x0 = torch.randn(4, 6, 5, 5)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, fullgraph=True, backend=counter)
+    x0 = torch.randn(4, 6, 5, 5, device=TRITON_DEVICE if path == "triton" else "cpu")
     for i, p in enumerate(RATES):
-        layer.p = p
+        for module in layer.modules():
+            if isinstance(module, SeededRate):
+                module.p = p
         x = x0.clone().requires_grad_()
         torch.manual_seed(i)
         y = compiled(x)
@@ -61,6 +96,8 @@ def test_changing_p_keeps_fullgraph_and_one_graph_and_eager_masks(name, dynamo):
         want.backward(torch.ones_like(want))
         assert torch.equal(y, want) and torch.equal(x.grad, ref.grad), (name, p)
     assert counters["stats"]["unique_graphs"] <= 2
+    if path == "triton":
+        assert all("torch.ops.dropkit.triton_" in graph.code for graph in counter.graphs)
 
 
 def test_p_zero_and_one_are_their_own_branches_not_a_graph_per_value(dynamo):

@@ -17,7 +17,7 @@ import torch
 from dropkit import kernels
 from dropkit.kernels import reference
 
-__all__ = ["gaussian_dropout", "keep_mask", "masked", "rate_tensor", "relu_dropout", "wanted"]
+__all__ = ["gaussian_dropout", "keep_mask", "masked", "rate_tensor", "relu_dropout", "shared_masked", "wanted"]
 
 _GRAD_KIND = {"dropout": "dropout", "alpha": "alpha_grad", "alpha_grad": "alpha_grad"}
 
@@ -27,9 +27,10 @@ def wanted(x: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() and x.device.type == "cpu"
 
 
-def rate_tensor(p: float) -> torch.Tensor:
-    """``p`` as a 0-dim float64 tensor that a compiled graph takes as an input, not a constant."""
-    return torch.ones((), dtype=torch.float64) * p
+def rate_tensor(p: float, device: torch.device | str | None = None) -> torch.Tensor:
+    """``p`` as a 0-dim float64 tensor (on ``device``, default the CPU) that a compiled graph
+    computes from its input ``p``, not a constant."""
+    return torch.ones((), dtype=torch.float64, device=device) * p
 
 
 @torch.library.custom_op("dropkit::masked_rate", mutates_args=())
@@ -126,12 +127,18 @@ def relu_dropout(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     return _relu_dropout_rate(x, seed, rate_tensor(p))
 
 
-def masked(kind: str, x: torch.Tensor, p: float, seed: torch.Tensor, mask_shape: tuple[int, ...]) -> torch.Tensor:
-    """A masked op of :mod:`dropkit.ops` (``dropout`` or ``alpha``) in a compiled graph."""
+def masked(kind: str, x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """An element-wise masked op of :mod:`dropkit.ops` (``dropout`` or ``alpha``) in a compiled graph."""
+    return _masked_rate(x, seed, rate_tensor(p), kind)
+
+
+def shared_masked(kind: str, x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """``dropout`` or ``alpha`` of ``x`` with a ``keep`` mask that broadcasts to it, in a compiled
+    graph on any device: :func:`dropkit.kernels.reference.masked` with the constants computed from
+    the rate tensor. The rate stays a CPU tensor, a scalar to the ops on ``x``'s device, so they
+    round as with the Python float of eager mode (a CUDA division by a scalar multiplies by its
+    reciprocal)."""
     rate = rate_tensor(p)
-    if tuple(mask_shape) == tuple(x.shape):
-        return _masked_rate(x, seed, rate, kind)
-    keep = _keep_mask_rate(seed, rate, list(mask_shape))
     xo = x.to(reference.opmath_dtype(x.dtype))
     if kind == "dropout":
         return torch.where(keep, xo / (1.0 - rate), 0.0).to(x.dtype)

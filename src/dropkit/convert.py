@@ -15,7 +15,12 @@ functional calls a forward pass makes.
 
 from __future__ import annotations
 
+import ast
+import functools
+import inspect
 import logging
+import textwrap
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -290,16 +295,25 @@ def fuse_relu_dropout(model: nn.Module) -> int:
 
 
 def fuse(model: nn.Module) -> int:
-    """Fuse every activation directly followed by a :class:`dropkit.nn.Dropout` (element-wise mask)
-    in the ``nn.Sequential`` containers of ``model``, in place: ``ReLU -> Dropout`` into
-    :class:`dropkit.nn.ReLUDropout` (as :func:`fuse_relu_dropout`), ``GELU -> Dropout`` (the exact
-    erf GELU) into :class:`dropkit.nn.BiasActDropout` with ``activation="gelu"``.
+    """Fuse every activation directly followed by a :class:`dropkit.nn.Dropout` (element-wise mask),
+    in place: in the ``nn.Sequential`` containers of ``model``, ``ReLU -> Dropout`` into
+    :class:`dropkit.nn.ReLUDropout` (as :func:`fuse_relu_dropout`) and ``GELU -> Dropout`` (the exact
+    erf GELU) into :class:`dropkit.nn.BiasActDropout` with ``activation="gelu"``; in any module
+    whose code calls them as ``self.drop(self.act(h), residual=x)`` (the residual form of
+    :class:`dropkit.nn.Dropout`, see there), the pair and the residual add into a
+    :class:`dropkit.nn.BiasActDropout` that the module then calls with ``residual=x``.
 
     The typical place is a ``Linear -> activation -> Dropout`` MLP; the ``Linear`` keeps its own
     bias (on CUDA its matmul adds it for free), so the fused layer has none. As in
     :func:`fuse_relu_dropout`, the fused layer takes the Dropout's place, name, rate, mode and
     random generator and the activation becomes ``nn.Identity``: a fused model computes the same
-    outputs and gradients from the same seeds. Returns the number of pairs fused.
+    outputs and gradients from the same seeds. A module's pair is fused only when its class's
+    methods (the module's class and its bases below ``nn.Module``, read with :mod:`inspect`) use
+    neither attribute anywhere else, so nothing else sees the activation go; a class whose source
+    cannot be read (defined in ``python -c`` or ``exec``) is left as it is, and so is an in-place
+    ReLU (its input may be read after it). torch's ``nn.Dropout`` takes no ``residual``: ``convert``
+    a model first and write the residual form with :class:`dropkit.nn.Dropout`. Returns the number
+    of pairs fused.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 4), nn.GELU(), dnn.Dropout(0.1), nn.Linear(4, 2))
@@ -311,15 +325,90 @@ def fuse(model: nn.Module) -> int:
         names = list(seq._modules)
         for act_name, drop_name in zip(names, names[1:]):
             act, drop = seq._modules[act_name], seq._modules[drop_name]
-            if type(act) is not nn.GELU or act.approximate != "none":
-                continue
-            if type(drop) is not dnn.Dropout or drop.mask_shape is not None:
-                continue
-            layer = dnn.BiasActDropout(drop.p, activation="gelu")
-            layer.seed, layer.generator = drop.seed, drop.generator
-            layer.train(drop.training)
-            seq._modules[act_name] = nn.Identity()
-            seq._modules[drop_name] = layer
+            if _activation(act) == "gelu" and _fusable_dropout(drop):
+                _swap_in_fused(seq, act_name, drop_name, "gelu")
+                fused += 1
+    for module in [m for m in model.modules() if not isinstance(m, nn.Sequential)]:
+        for act_name, drop_name in _residual_pairs(module):
+            _swap_in_fused(module, act_name, drop_name, _activation(module._modules[act_name]))
             fused += 1
     log.info("dropkit.fuse: fused %d activation -> Dropout pair(s) in all", fused)
     return fused
+
+
+def _activation(module: nn.Module | None) -> str | None:
+    """``"relu"`` or ``"gelu"`` for the activation modules :func:`fuse` takes (not an in-place ReLU,
+    not the tanh GELU), else None."""
+    if type(module) is nn.ReLU and not module.inplace:
+        return "relu"
+    if type(module) is nn.GELU and module.approximate == "none":
+        return "gelu"
+    return None
+
+
+def _fusable_dropout(module: nn.Module | None) -> bool:
+    return type(module) is dnn.Dropout and module.mask_shape is None
+
+
+def _swap_in_fused(parent: nn.Module, act_name: str, drop_name: str, activation: str) -> None:
+    """Put a :class:`dropkit.nn.BiasActDropout` with the Dropout's rate, mode and generator in its
+    place and ``nn.Identity`` in the activation's."""
+    drop = parent._modules[drop_name]
+    layer = dnn.BiasActDropout(drop.p, activation=activation)
+    layer.seed, layer.generator = drop.seed, drop.generator
+    layer.train(drop.training)
+    parent._modules[act_name] = nn.Identity()
+    parent._modules[drop_name] = layer
+
+
+def _residual_pairs(module: nn.Module) -> list[tuple[str, str]]:
+    """The ``(activation, dropout)`` child names that ``module``'s class calls as
+    ``self.<dropout>(self.<activation>(h), residual=r)`` and reads nowhere else (see :func:`fuse`)."""
+    children = module._modules
+    if not any(_fusable_dropout(c) for c in children.values()) or not any(map(_activation, children.values())):
+        return []
+    trees = _method_trees(type(module))
+    if trees is None:
+        log.info("dropkit.fuse: the source of %s cannot be read; its dropout is not fused", type(module).__qualname__)
+        return []
+    reads = Counter(node.attr for tree in trees for node in ast.walk(tree) if _self_attribute(node) is not None
+                    and isinstance(node.ctx, ast.Load))
+    pairs = []
+    for tree in trees:
+        for call in ast.walk(tree):
+            drop_name = _self_attribute(getattr(call, "func", None)) if isinstance(call, ast.Call) else None
+            if drop_name is None or len(call.args) != 1 or [k.arg for k in call.keywords] != ["residual"]:
+                continue
+            inner = call.args[0]
+            act_name = _self_attribute(inner.func) if isinstance(inner, ast.Call) else None
+            if (act_name is None or len(inner.args) != 1 or inner.keywords or reads[act_name] != 1
+                    or reads[drop_name] != 1 or not _fusable_dropout(children.get(drop_name))
+                    or _activation(children.get(act_name)) is None):
+                continue
+            pairs.append((act_name, drop_name))
+    return pairs
+
+
+def _self_attribute(node: ast.AST | None) -> str | None:
+    """``name`` for an expression ``self.name``, else None."""
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
+        return node.attr
+    return None
+
+
+@functools.lru_cache(maxsize=128)
+def _method_trees(cls: type) -> tuple[ast.Module, ...] | None:
+    """The parsed methods of ``cls`` and of its bases below ``nn.Module``; None if one cannot be read."""
+    trees = []
+    for klass in cls.__mro__:
+        if klass is nn.Module or not issubclass(klass, nn.Module):
+            continue
+        for value in vars(klass).values():
+            function = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
+            if not inspect.isfunction(function):
+                continue
+            try:
+                trees.append(ast.parse(textwrap.dedent(inspect.getsource(function))))
+            except (OSError, TypeError, SyntaxError):
+                return None
+    return tuple(trees)

@@ -124,6 +124,18 @@ def _check_input(x: torch.Tensor, name: str = "input") -> None:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got dtype {x.dtype}")
 
 
+def _check_operand(name: str, t: torch.Tensor | None, x: torch.Tensor, shape: Sequence[int]) -> None:
+    """``t`` is None or a tensor of ``x``'s dtype and device and of ``shape`` (a bias, a residual)."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor) or t.dtype != x.dtype or t.device != x.device:
+        raise TypeError(f"{name} must be None or a tensor of the input's dtype {x.dtype} on {x.device}, got "
+                        f"{type(t).__name__ if not isinstance(t, torch.Tensor) else f'{t.dtype} on {t.device}'}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)} for an input of shape {list(x.shape)}, "
+                         f"got {list(t.shape)}")
+
+
 def _check_generator(generator: torch.Generator | None) -> None:
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
@@ -584,7 +596,7 @@ def drop_path(
 
 def _unscaled_dropout(x: torch.Tensor, p: float, seed: torch.Tensor, mask_shape: tuple[int, ...]) -> torch.Tensor:
     """Zero dropped units and leave kept ones as they are (no 1/(1-p) rescaling)."""
-    return torch.where(ops.keep_mask(seed, p, mask_shape).to(x.device), x, 0.0)
+    return torch.where(ops.keep_mask(seed, p, mask_shape, x.device), x, 0.0)
 
 
 def drop_block2d(
@@ -650,7 +662,7 @@ def drop_block2d(
     valid_h, valid_w = height - block_h + 1, width - block_w + 1
     gamma = min(1.0, p * height * width / (block_h * block_w) / (valid_h * valid_w))
     centre_shape = (x.shape[0], 1 if couple_channels else x.shape[1], valid_h, valid_w)
-    centres = ~ops.keep_mask(rng.resolve_seed(seed, generator), gamma, centre_shape).to(x.device)
+    centres = ~ops.keep_mask(rng.resolve_seed(seed, generator), gamma, centre_shape, x.device)
     padded = F.pad(centres.float(), (block_w - 1, block_w - 1, block_h - 1, block_h - 1))
     keep = 1.0 - F.max_pool2d(padded, kernel_size=(block_h, block_w), stride=1)
     if scale_by_keep:
@@ -738,15 +750,8 @@ def bias_act_dropout(
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     if x.dim() == 0:
         raise ValueError("bias_act_dropout expects an input with a features dimension, got a 0-d tensor")
-    for name, t, shape in (("bias", bias, x.shape[-1:]), ("residual", residual, x.shape)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor) or t.dtype != x.dtype or t.device != x.device:
-            raise TypeError(f"{name} must be None or a tensor of the input's dtype {x.dtype} on {x.device}, got "
-                            f"{type(t).__name__ if not isinstance(t, torch.Tensor) else f'{t.dtype} on {t.device}'}")
-        if tuple(t.shape) != tuple(shape):
-            raise ValueError(f"{name} must have shape {list(shape)} for an input of shape {list(x.shape)}, "
-                             f"got {list(t.shape)}")
+    _check_operand("bias", bias, x, x.shape[-1:])
+    _check_operand("residual", residual, x, x.shape)
     if training and 0.0 < p < 1.0 and x.numel():
         return ops.bias_act_dropout(x, bias, p, rng.resolve_seed(seed, generator), activation, residual)
     if (not training or p == 0.0) and x.numel() and ops.fused_kernel(x):

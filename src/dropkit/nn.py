@@ -104,6 +104,13 @@ class Dropout(_MaskShapeLayer):
     Neural Networks from Overfitting", JMLR 2014). The mask is drawn by dropkit's counter-based
     generator: backward regenerates it from an 8-byte seed instead of keeping it.
 
+    ``layer(x, residual=r)`` returns ``r + dropout(x)``, the residual add that follows dropout in a
+    residual block: on CUDA one pass of the fused kernel of :func:`dropkit.functional.bias_act_dropout`
+    for the dropout and the add, elsewhere the two ops; the same mask as ``layer(x)`` from the same
+    seed either way. The sum is a new tensor (``inplace`` does not apply). A module that calls its
+    dropout this way tells :func:`dropkit.convert.fuse` where the residual add is: an activation
+    module whose output goes straight into it (``self.drop(self.act(h), residual=x)``) is fused with it.
+
     Args:
         p: probability of an element to be zeroed. Default: 0.5.
         inplace: do the operation in place. Default: False.
@@ -113,17 +120,27 @@ class Dropout(_MaskShapeLayer):
 
     Shape:
         - Input: :math:`(*)`. Output: :math:`(*)`, same shape and memory format as the input.
+        - ``residual`` (optional, in ``forward``): the input's shape and dtype.
 
     Example:
         >>> layer = Dropout(0.5)
         >>> y = layer(torch.randn(32, 128))
         >>> y.shape
         torch.Size([32, 128])
+        >>> skip = torch.randn(32, 128)
+        >>> layer.eval()(torch.ones(32, 128), residual=skip).equal(skip + 1)
+        True
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return DF.dropout(x, self.p, self.training, self.inplace, mask_shape=self.mask_shape,
-                          generator=self.generator)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if residual is None:
+            return DF.dropout(x, self.p, self.training, self.inplace, mask_shape=self.mask_shape,
+                              generator=self.generator)
+        DF._check_input(x)
+        DF._check_operand("residual", residual, x, x.shape)
+        if self.mask_shape is None and x.dim():
+            return DF.bias_act_dropout(x, None, self.p, self.training, residual=residual, generator=self.generator)
+        return residual + DF.dropout(x, self.p, self.training, mask_shape=self.mask_shape, generator=self.generator)
 
 
 class ReLUDropout(DropoutLayer):

@@ -25,8 +25,9 @@ keeps for its own weight gradient. Fused, a ``Linear -> ReLU -> Dropout`` block 
 element where the unfused one keeps two (ReLU's output and dropout's).
 
 Masks shared along dimensions (channel, locked, path variants: ``mask_shape`` with 1s) are small:
-the ``keep_mask`` op draws them (on the kernels too) and ``torch.where`` broadcasts them; autograd
-keeps that small mask, not one per element.
+:func:`keep_mask` draws them on the input's device with that device's kernel (Triton for CUDA
+tensors, eager and compiled, so no mask is drawn on the CPU and copied over) and ``torch.where``
+broadcasts them; autograd keeps that small mask, not one per element.
 
 A mask depends only on the seed, which :func:`dropkit.rng.resolve_seed` draws from torch's
 generator, so ``torch.utils.checkpoint`` (which restores that generator before recomputing)
@@ -83,9 +84,9 @@ def _gaussian(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
 
 
 @torch.library.custom_op("dropkit::keep_mask", mutates_args=())
-def _keep_mask(seed: torch.Tensor, p: float, shape: list[int]) -> torch.Tensor:
-    """Boolean keep mask of ``shape`` drawn from ``seed``."""
-    return kernels.keep_mask(int(seed), p, tuple(shape), device=seed.device)
+def _keep_mask(seed: torch.Tensor, p: float, shape: list[int], device: torch.device) -> torch.Tensor:
+    """Boolean keep mask of ``shape`` drawn from ``seed`` on ``device``."""
+    return kernels.keep_mask(int(seed), p, tuple(shape), device=device)
 
 
 @torch.library.custom_op("dropkit::gaussian_noise", mutates_args=())
@@ -115,8 +116,8 @@ def _masked_save_bits_fake(x, seed, p, kind):
 
 
 @_keep_mask.register_fake
-def _keep_mask_fake(seed, p, shape):
-    return seed.new_empty(shape, dtype=torch.bool)
+def _keep_mask_fake(seed, p, shape, device):
+    return torch.empty(shape, dtype=torch.bool, device=device)
 
 
 @_gaussian_noise.register_fake
@@ -234,13 +235,24 @@ def _eager_kernel(x: torch.Tensor) -> bool:
 
 # --- the primitives functional.py calls ------------------------------------------------------------
 
-def keep_mask(seed: torch.Tensor, p: float, shape: tuple[int, ...]) -> torch.Tensor:
-    """Boolean keep mask of ``shape``: element i is kept iff its draw >= the threshold (see dropkit.rng)."""
+def keep_mask(seed: torch.Tensor, p: float, shape: tuple[int, ...],
+              device: torch.device | str | None = None) -> torch.Tensor:
+    """Boolean keep mask of ``shape`` on ``device`` (default: the seed's): element i is kept iff its
+    draw >= the threshold (see dropkit.rng). It is drawn where it is used, by that device's kernel
+    (the Triton one for CUDA tensors), so no mask is copied from the CPU; in a compiled graph the
+    rate is a tensor (:mod:`dropkit._compiled_ops`, :func:`_triton_rate`), so a new ``p`` keeps the graph."""
+    device = seed.device if device is None else torch.device(device)
     if transformed():
-        return _traced_keep_mask(seed, p, shape)
-    if _compiled_ops.wanted(seed):
-        return _compiled_ops.keep_mask(seed, p, shape)
-    return _keep_mask(seed, p, list(shape))
+        return _traced_keep_mask(seed, p, shape, device)
+    path = kernels.path_on(device)
+    if torch.compiler.is_compiling():
+        if path == "triton" and triton_ops():
+            return torch.ops.dropkit.triton_keep_mask(seed.to(device), *_triton_rate(p, device), list(shape))
+        if device.type == "cpu":
+            return _compiled_ops.keep_mask(seed, p, shape)
+    elif path != "reference":
+        return kernels.keep_mask(int(seed), p, tuple(shape), device=device)
+    return _keep_mask(seed, p, list(shape), device)
 
 
 def alpha_dropout_affine(p: float) -> tuple[float, float]:
@@ -251,7 +263,7 @@ def alpha_dropout_affine(p: float) -> tuple[float, float]:
 def gaussian_noise(seed: torch.Tensor, p: float, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Multiplicative noise ~ N(1, p/(1-p)) of ``shape`` (Srivastava et al. 2014, section 10)."""
     if transformed():
-        return _traced_gaussian_noise(seed, p, shape, dtype)
+        return _traced_gaussian_noise(seed, p, shape, dtype, seed.device)
     return _gaussian_noise(seed, p, list(shape), dtype)
 
 
@@ -267,9 +279,9 @@ def relu_dropout(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     """``dropout(relu(x))`` in one pass with an element-wise mask (0 < p < 1); the same mask and
     values as :func:`dropout` of ``relu(x)`` with this seed. Backward keeps only the output."""
     if transformed():
-        return reference.masked(x, _traced_keep_mask(seed, p, tuple(x.shape)).to(x.device), "relu_dropout", p)
+        return reference.masked(x, _traced_keep_mask(seed, p, tuple(x.shape), x.device), "relu_dropout", p)
     if _triton_compiled(x):
-        return torch.ops.dropkit.triton_relu_dropout(x, seed, p)
+        return torch.ops.dropkit.triton_relu_dropout(x, seed.to(x.device), *_triton_rate(p, x.device))
     if _compiled_ops.wanted(x):
         return _compiled_ops.relu_dropout(x, p, seed)
     if _eager_kernel(x):
@@ -292,10 +304,10 @@ def gaussian_dropout(
     if saved != "seed":
         raise ValueError(f"gaussian_dropout keeps only the seed for backward (saved='seed'), got saved={saved!r}")
     if transformed():
-        noise = _traced_gaussian_noise(seed, p, tuple(mask_shape), x.dtype).to(x.device)
+        noise = _traced_gaussian_noise(seed, p, tuple(mask_shape), x.dtype, x.device)
         return (x.to(noise.dtype) * noise).to(x.dtype)
     if tuple(mask_shape) == tuple(x.shape) and _triton_compiled(x):
-        return torch.ops.dropkit.triton_gaussian(x, seed, p)
+        return torch.ops.dropkit.triton_gaussian(x, seed.to(x.device), _triton_rate(p, x.device)[0])
     if _compiled_ops.wanted(x):
         return _compiled_ops.gaussian_dropout(x, p, seed, mask_shape)
     if tuple(mask_shape) == tuple(x.shape):
@@ -306,18 +318,21 @@ def gaussian_dropout(
 
 def _mask_op(kind: str, x: torch.Tensor, p: float, seed: torch.Tensor, mask_shape: tuple[int, ...],
              saved: str) -> torch.Tensor:
-    """An element-wise mask runs as one custom op; a shared (broadcast) mask is drawn small and
-    applied by ``torch.where``."""
+    """An element-wise mask runs as one custom op; a shared (broadcast) mask is drawn small on
+    ``x``'s device and applied by ``torch.where``."""
     if saved not in SAVED_MODES:
         raise ValueError(f"saved must be one of {SAVED_MODES}, got {saved!r}")
     if transformed():
-        return reference.masked(x, _traced_keep_mask(seed, p, mask_shape).to(x.device), kind, p)
-    if tuple(mask_shape) == tuple(x.shape) and _triton_compiled(x):
+        return reference.masked(x, _traced_keep_mask(seed, p, mask_shape, x.device), kind, p)
+    if tuple(mask_shape) != tuple(x.shape):
+        keep = keep_mask(seed, p, mask_shape, x.device)
+        if torch.compiler.is_compiling():
+            return _compiled_ops.shared_masked(kind, x, keep, p)
+        return reference.masked(x, keep, kind, p)
+    if _triton_compiled(x):
         return _triton_mask_op(kind, x, p, seed, saved == "bits" and torch.is_grad_enabled() and x.requires_grad)
     if _compiled_ops.wanted(x) and saved == "seed":
-        return _compiled_ops.masked(kind, x, p, seed, mask_shape)
-    if tuple(mask_shape) != tuple(x.shape):
-        return reference.masked(x, keep_mask(seed, p, mask_shape).to(x.device), kind, p)
+        return _compiled_ops.masked(kind, x, p, seed)
     save_bits = saved == "bits" and torch.is_grad_enabled() and x.requires_grad
     if _eager_kernel(x):
         return _EagerMasked.apply(x, int(seed), None, p, kind, save_bits)
@@ -340,26 +355,33 @@ def transformed() -> bool:
     return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
-def _traced_keep_mask(seed: torch.Tensor, p: float, shape: tuple[int, ...]) -> torch.Tensor:
-    """:func:`keep_mask` from a seed tensor (batched under ``vmap``), in plain torch ops."""
+def _traced_keep_mask(seed: torch.Tensor, p: float, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """:func:`keep_mask` from a seed tensor (batched under ``vmap``), in plain torch ops on ``device``
+    (the 8-byte seed moves there, not the mask)."""
     width, thr = rng.keep_threshold(p)
-    return (rng.uniform(seed, 0, math.prod(shape), width, seed.device) >= thr).reshape(shape)
+    return (rng.uniform(seed.to(device), 0, math.prod(shape), width, device) >= thr).reshape(shape)
 
 
-def _traced_gaussian_noise(seed: torch.Tensor, p: float, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """:func:`gaussian_noise` from a seed tensor, in plain torch ops (see :func:`transformed`)."""
-    z = rng.normal(seed, 0, math.prod(shape), seed.device).reshape(shape)
+def _traced_gaussian_noise(seed: torch.Tensor, p: float, shape: tuple[int, ...], dtype: torch.dtype,
+                           device: torch.device) -> torch.Tensor:
+    """:func:`gaussian_noise` from a seed tensor, in plain torch ops on ``device`` (see :func:`transformed`)."""
+    z = rng.normal(seed.to(device), 0, math.prod(shape), device).reshape(shape)
     return (1.0 + math.sqrt(p / (1.0 - p)) * z).to(reference.opmath_dtype(dtype))
 
 
 # --- the Triton path as torch.library ops ----------------------------------------------------------
 #
-# Eager calls on the triton path take the classes above (the kernels with int seeds, no custom-op
-# layer). Under torch.compile they take these ops instead: ``torch.library.triton_op`` bodies whose
-# kernels are launched through ``wrap_triton``, so the compiled graph holds the Triton kernels
-# themselves (inductor can schedule them, CUDA graphs capture them) rather than an opaque call.
-# The seed enters as a 0-dim int64 tensor that the kernel reads from memory, never as a Python
-# constant: a replayed CUDA graph reads whatever seed the replay draws, so it draws fresh masks.
+# Eager calls on the triton path take the classes above (the kernels with int seeds and float rates,
+# no custom-op layer). Under torch.compile they take these ops instead: ``torch.library.triton_op``
+# bodies whose kernels are launched through ``wrap_triton``, so the compiled graph holds the Triton
+# kernels themselves (inductor can schedule them, CUDA graphs capture them) rather than an opaque call.
+# Nothing that changes from call to call is a Python constant of the graph:
+# * the seed enters as a 0-dim int64 tensor that the kernel reads from memory, so a replayed graph
+#   reads whatever seed the replay draws (the offset is 0: every op's mask is a whole stream of its seed);
+# * the rate enters as a 0-dim float64 tensor on the input's device; the body derives the kernel's
+#   draw width, threshold and constants from it with torch ops (gpu.rate_params) and the kernel
+#   reads them from memory, so a new ``p`` runs the same graph, as on the CPU (_compiled_ops);
+# * ``rate_bits`` (rng.set_rate_bits) is an int argument read while dynamo traces, which guards it.
 # They are defined on first use, so ``import dropkit`` does not import Triton. Under Triton's
 # interpreter (``TRITON_INTERPRET=1``) ``wrap_triton`` cannot trace a kernel, so there they are
 # plain custom ops with the same schema, fake implementations and autograd (how the tests check them).
@@ -391,44 +413,57 @@ def _triton_compiled(x: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() and _triton_traced(x) and triton_ops()
 
 
+def _triton_rate(p: float, device: torch.device) -> tuple[torch.Tensor, int]:
+    """The rate arguments of the ``dropkit::triton_*`` ops: ``p`` as a 0-dim float64 tensor on
+    ``device`` (a graph input once ``p`` has changed) and the current :func:`dropkit.rng.rate_bits`."""
+    return _compiled_ops.rate_tensor(p, device), rng.rate_bits()
+
+
 def _define_triton_ops() -> None:
     from dropkit.kernels import gpu
 
     define = torch.library.custom_op if gpu.INTERPRETED else torch.library.triton_op
 
     @define("dropkit::triton_masked", mutates_args=())
-    def masked(x: torch.Tensor, seed: torch.Tensor, p: float, kind: str) -> torch.Tensor:
-        return gpu.masked(x.contiguous(), seed.to(x.device), p, kind, traceable=True)[0]
+    def masked(x: torch.Tensor, seed: torch.Tensor, rate: torch.Tensor, rate_bits: int, kind: str) -> torch.Tensor:
+        return gpu.masked(x.contiguous(), seed, rate, kind, rate_bits=rate_bits, traceable=True)[0]
 
     @define("dropkit::triton_masked_save_bits", mutates_args=())
-    def masked_save_bits(x: torch.Tensor, seed: torch.Tensor, p: float, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-        out, bits = gpu.masked(x.contiguous(), seed.to(x.device), p, kind, save_bits=True, traceable=True)
+    def masked_save_bits(x: torch.Tensor, seed: torch.Tensor, rate: torch.Tensor, rate_bits: int,
+                         kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        out, bits = gpu.masked(x.contiguous(), seed, rate, kind, save_bits=True, rate_bits=rate_bits, traceable=True)
         return out, bits
 
     @define("dropkit::triton_masked_from_bits", mutates_args=())
-    def masked_from_bits(x: torch.Tensor, bits: torch.Tensor, p: float, kind: str) -> torch.Tensor:
-        return gpu.masked_from_bits(x.contiguous(), bits, p, kind, traceable=True)
+    def masked_from_bits(x: torch.Tensor, bits: torch.Tensor, rate: torch.Tensor, kind: str) -> torch.Tensor:
+        return gpu.masked_from_bits(x.contiguous(), bits, rate, kind, traceable=True)
 
     @define("dropkit::triton_relu_dropout", mutates_args=())
-    def relu_dropout(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-        return gpu.masked(x.contiguous(), seed.to(x.device), p, "relu_dropout", traceable=True)[0]
+    def relu_dropout(x: torch.Tensor, seed: torch.Tensor, rate: torch.Tensor, rate_bits: int) -> torch.Tensor:
+        return gpu.masked(x.contiguous(), seed, rate, "relu_dropout", rate_bits=rate_bits, traceable=True)[0]
 
     @define("dropkit::triton_gaussian", mutates_args=())
-    def gaussian(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-        return gpu.gaussian(x.contiguous(), seed.to(x.device), p, traceable=True)
+    def gaussian(x: torch.Tensor, seed: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
+        return gpu.gaussian(x.contiguous(), seed, rate, traceable=True)
+
+    @define("dropkit::triton_keep_mask", mutates_args=())
+    def keep_mask(seed: torch.Tensor, rate: torch.Tensor, rate_bits: int, shape: list[int]) -> torch.Tensor:
+        return gpu.keep_mask(seed, rate, tuple(shape), 0, seed.device, rate_bits=rate_bits, traceable=True)
 
     @define("dropkit::triton_bias_act_dropout", mutates_args=())
-    def bias_act_dropout(x: torch.Tensor, bias: torch.Tensor | None, seed: torch.Tensor, p: float, activation: str,
-                         residual: torch.Tensor | None) -> torch.Tensor:
-        return gpu.bias_act_dropout(x.contiguous(), None if bias is None else bias.contiguous(), seed.to(x.device),
-                                    p, activation, None if residual is None else residual.contiguous(),
-                                    traceable=True)
+    def bias_act_dropout(x: torch.Tensor, bias: torch.Tensor | None, seed: torch.Tensor, rate: torch.Tensor,
+                         rate_bits: int, activation: str, residual: torch.Tensor | None) -> torch.Tensor:
+        return gpu.bias_act_dropout(x.contiguous(), None if bias is None else bias.contiguous(), seed, rate,
+                                    activation, None if residual is None else residual.contiguous(),
+                                    rate_bits=rate_bits, traceable=True)
 
     @define("dropkit::triton_bias_act_dropout_backward", mutates_args=())
     def bias_act_dropout_backward(grad: torch.Tensor, x: torch.Tensor | None, bias: torch.Tensor | None,
-                                  seed: torch.Tensor, p: float, activation: str) -> torch.Tensor:
-        return gpu.bias_act_dropout_backward(grad.contiguous(), x, bias, seed.to(grad.device), p, activation,
-                                             traceable=True)
+                                  seed: torch.Tensor, rate: torch.Tensor, rate_bits: int,
+                                  activation: str) -> torch.Tensor:
+        return gpu.bias_act_dropout_backward(grad.contiguous(), None if x is None else x.contiguous(),
+                                             None if bias is None else bias.contiguous(), seed, rate, activation,
+                                             rate_bits=rate_bits, traceable=True)
 
     def like(x, *_):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -437,58 +472,61 @@ def _define_triton_ops() -> None:
         op.register_fake(like)
 
     @masked_save_bits.register_fake
-    def _(x, seed, p, kind):
+    def _(x, seed, rate, rate_bits, kind):
         return like(x), x.new_empty(((x.numel() + 7) // 8,), dtype=torch.uint8)
 
+    @keep_mask.register_fake
+    def _(seed, rate, rate_bits, shape):
+        return seed.new_empty(shape, dtype=torch.bool)
+
     def keep_seed(ctx, inputs, output):
-        _, seed, ctx.p, ctx.kind = inputs
-        ctx.save_for_backward(seed)
+        _, seed, rate, ctx.rate_bits, ctx.kind = inputs
+        ctx.save_for_backward(seed, rate)
 
     def masked_backward(ctx, grad):
-        (seed,) = ctx.saved_tensors
-        return masked(grad, seed, ctx.p, _GRAD_KIND[ctx.kind]), None, None, None
+        seed, rate = ctx.saved_tensors
+        return masked(grad, seed, rate, ctx.rate_bits, _GRAD_KIND[ctx.kind]), None, None, None, None
 
-    def keep_bits(ctx, inputs, output):
-        _, _, ctx.p, ctx.kind = inputs
-        ctx.save_for_backward(output[1] if isinstance(output, tuple) else inputs[1])
+    def keep_bits(ctx, inputs, output):  # (x, seed, rate, rate_bits, kind) or (x, bits, rate, kind)
+        ctx.kind, ctx.inputs = inputs[-1], len(inputs)
+        ctx.save_for_backward(output[1] if isinstance(output, tuple) else inputs[1], inputs[2])
 
     def from_bits_backward(ctx, grad, _grad_bits=None):
-        (bits,) = ctx.saved_tensors
-        return masked_from_bits(grad, bits, ctx.p, _GRAD_KIND[ctx.kind]), None, None, None
+        bits, rate = ctx.saved_tensors
+        return (masked_from_bits(grad, bits, rate, _GRAD_KIND[ctx.kind]),) + (None,) * (ctx.inputs - 1)
 
-    def keep_seed_and_p(ctx, inputs, output):
-        _, seed, ctx.p = inputs
-        ctx.save_for_backward(seed)
+    def keep_seed_and_rate(ctx, inputs, output):
+        _, seed, rate = inputs
+        ctx.save_for_backward(seed, rate)
 
     def gaussian_backward(ctx, grad):
-        (seed,) = ctx.saved_tensors
-        return gaussian(grad, seed, ctx.p), None, None
+        seed, rate = ctx.saved_tensors
+        return gaussian(grad, seed, rate), None, None
 
     def keep_output(ctx, inputs, output):
-        ctx.p = inputs[2]
-        ctx.save_for_backward(output)
+        ctx.save_for_backward(output, inputs[2])
 
     def relu_dropout_backward(ctx, grad):
-        (out,) = ctx.saved_tensors
-        return kernels.relu_dropout_grad(grad, out, ctx.p), None, None
+        out, rate = ctx.saved_tensors
+        return kernels.relu_dropout_grad(grad, out, rate), None, None, None
 
     def keep_fused(ctx, inputs, output):
-        x, bias, seed, ctx.p, ctx.activation, residual = inputs
-        ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
+        x, bias, seed, rate, ctx.rate_bits, ctx.activation, residual = inputs
+        ctx.has_residual = residual is not None
         ctx.bias_shape = None if bias is None else bias.shape
         needs_input = ctx.activation != "none"
-        ctx.save_for_backward(seed, x if needs_input else None, bias if needs_input else None)
+        ctx.save_for_backward(seed, rate, x if needs_input else None, bias if needs_input else None)
 
     def fused_backward(ctx, grad):
-        seed, x, bias = ctx.saved_tensors
-        grad_x = bias_act_dropout_backward(grad, x, bias, seed, ctx.p, ctx.activation)
-        grad_bias = grad_x.sum_to_size(ctx.bias_shape) if ctx.has_bias else None
-        return grad_x, grad_bias, None, None, None, grad if ctx.has_residual else None
+        seed, rate, x, bias = ctx.saved_tensors
+        grad_x = bias_act_dropout_backward(grad, x, bias, seed, rate, ctx.rate_bits, ctx.activation)
+        grad_bias = None if ctx.bias_shape is None else grad_x.sum_to_size(ctx.bias_shape)
+        return grad_x, grad_bias, None, None, None, None, grad if ctx.has_residual else None
 
     masked.register_autograd(masked_backward, setup_context=keep_seed)
     masked_save_bits.register_autograd(from_bits_backward, setup_context=keep_bits)
     masked_from_bits.register_autograd(from_bits_backward, setup_context=keep_bits)
-    gaussian.register_autograd(gaussian_backward, setup_context=keep_seed_and_p)
+    gaussian.register_autograd(gaussian_backward, setup_context=keep_seed_and_rate)
     relu_dropout.register_autograd(relu_dropout_backward, setup_context=keep_output)
     bias_act_dropout.register_autograd(fused_backward, setup_context=keep_fused)
 
@@ -496,9 +534,39 @@ def _define_triton_ops() -> None:
 def _triton_mask_op(kind: str, x: torch.Tensor, p: float, seed: torch.Tensor, save_bits: bool) -> torch.Tensor:
     """An element-wise masked op through the ``dropkit::triton_*`` ops (see above)."""
     triton_ops()
+    seed, (rate, rate_bits) = seed.to(x.device), _triton_rate(p, x.device)
     if save_bits:
-        return torch.ops.dropkit.triton_masked_save_bits(x, seed, p, kind)[0]
-    return torch.ops.dropkit.triton_masked(x, seed, p, kind)
+        return torch.ops.dropkit.triton_masked_save_bits(x, seed, rate, rate_bits, kind)[0]
+    return torch.ops.dropkit.triton_masked(x, seed, rate, rate_bits, kind)
+
+
+class _EagerBiasActDropout(torch.autograd.Function):
+    """``dropkit::triton_bias_act_dropout`` outside ``torch.compile``: the same kernels with the
+    seed as a Python int and ``p`` as a float, so no seed or rate tensor is copied to the device
+    (see :class:`_EagerMasked` for the custom-op layer it skips). Backward keeps ``x`` and ``bias``
+    for a ReLU or GELU, nothing per element otherwise."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None, seed: int, p: float,
+                activation: str) -> torch.Tensor:
+        from dropkit.kernels import gpu
+
+        x, bias = x.contiguous(), None if bias is None else bias.contiguous()
+        out = gpu.bias_act_dropout(x, bias, seed, p, activation, None if residual is None else residual.contiguous())
+        ctx.seed, ctx.p, ctx.activation, ctx.has_residual = seed, p, activation, residual is not None
+        ctx.bias_shape = None if bias is None else bias.shape
+        needs_input = activation != "none"
+        ctx.save_for_backward(x if needs_input else None, bias if needs_input else None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        from dropkit.kernels import gpu
+
+        x, bias = ctx.saved_tensors
+        grad_x = gpu.bias_act_dropout_backward(grad.contiguous(), x, bias, ctx.seed, ctx.p, ctx.activation)
+        grad_bias = None if ctx.bias_shape is None else grad_x.sum_to_size(ctx.bias_shape)
+        return grad_x, grad_bias, grad if ctx.has_residual else None, None, None, None
 
 
 def fused_kernel(x: torch.Tensor) -> bool:
@@ -510,14 +578,19 @@ def bias_act_dropout(x: torch.Tensor, bias: torch.Tensor | None, p: float, seed:
                      residual: torch.Tensor | None) -> torch.Tensor:
     """``residual + dropout(act(x + bias))`` (0 <= p < 1) with the element-wise mask of ``seed``.
 
-    On the triton path it is one kernel each way (``dropkit::triton_bias_act_dropout``); backward
-    keeps the seed, and ``x`` for a ReLU or GELU (see :data:`FUSED_SAVED`). Elsewhere it is the
-    composition of the ops above, ``dropout(act(x + bias))`` with this seed, plus ``residual``:
-    the same masks, values and gradients as those ops called one after the other.
+    On the triton path it is one kernel each way (:class:`_EagerBiasActDropout`; compiled,
+    ``dropkit::triton_bias_act_dropout``); backward keeps the seed, and ``x`` for a ReLU or GELU
+    (see :data:`FUSED_SAVED`). Elsewhere it is the composition of the ops above,
+    ``dropout(act(x + bias))`` with this seed, plus ``residual``: the same masks, values and
+    gradients as those ops called one after the other.
     """
     if _triton_traced(x) and not transformed():
-        triton_ops()
-        return torch.ops.dropkit.triton_bias_act_dropout(x, bias, seed, p, activation, residual)
+        if torch.compiler.is_compiling():
+            triton_ops()
+            rate, rate_bits = _triton_rate(p, x.device)
+            return torch.ops.dropkit.triton_bias_act_dropout(x, bias, seed.to(x.device), rate, rate_bits, activation,
+                                                             residual)
+        return _EagerBiasActDropout.apply(x, bias, residual, int(seed), p, activation)
     h = x if bias is None else x + bias
     if activation == "relu":
         out = relu_dropout(h, p, seed)

@@ -42,7 +42,7 @@ from dropkit import rng
 from dropkit.kernels import cpu, reference
 
 __all__ = ["ENV", "PATHS", "accelerated", "gaussian", "keep_mask", "masked", "masked_from_bits", "path_for",
-           "reference", "relu_dropout_grad", "run_parallel", "warmup"]
+           "path_on", "reference", "relu_dropout_grad", "run_parallel", "warmup"]
 
 #: environment variable that forces one kernel path for every op
 ENV = "DROPKIT_KERNELS"
@@ -107,17 +107,23 @@ def _warn_reference_on_gpu() -> None:
 
 def path_for(x: torch.Tensor) -> str:
     """The path that ops on ``x`` run on (see the module docstring)."""
+    return path_on(x.device, x.dtype)
+
+
+def path_on(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """The path that ops on a ``dtype`` tensor on ``device`` run on; a keep mask, which has no
+    input, runs on the path of a float32 tensor on the device it is drawn on."""
     path = requested_path()
     if path == "auto":
-        if x.device.type == "cpu":
-            return "numba" if x.dtype in _NUMBA_DTYPES else "reference"
-        if x.device.type == "cuda" and triton_available():
+        if device.type == "cpu":
+            return "numba" if dtype in _NUMBA_DTYPES else "reference"
+        if device.type == "cuda" and triton_available():
             return "triton"
-        if x.device.type == "cuda":
+        if device.type == "cuda":
             _warn_reference_on_gpu()
         return "reference"
-    if path == "numba" and x.device.type != "cpu":
-        raise ValueError(f"{ENV}=numba runs CPU tensors only, got a tensor on {x.device}")
+    if path == "numba" and device.type != "cpu":
+        raise ValueError(f"{ENV}=numba runs CPU tensors only, got a tensor on {device}")
     if path == "triton" and not triton_available():
         raise RuntimeError(f"{ENV}=triton, but Triton cannot be imported: pip install triton")
     return path
@@ -128,15 +134,19 @@ def accelerated(x: torch.Tensor) -> bool:
     return path_for(x) != "reference"
 
 
-def _backend(x: torch.Tensor) -> Backend:
-    path = path_for(x)
-    if path == "numba":
-        return NUMBA
-    if path == "triton":
-        from dropkit.kernels import gpu
+def _triton_backend() -> Backend:
+    from dropkit.kernels import gpu
 
-        return gpu.BACKEND
-    return REFERENCE
+    return gpu.BACKEND
+
+
+#: path -> its Backend (Triton imported when first asked for)
+_BACKENDS: dict[str, Callable[[], Backend]] = {"numba": lambda: NUMBA, "triton": _triton_backend,
+                                               "reference": lambda: REFERENCE}
+
+
+def _backend(x: torch.Tensor) -> Backend:
+    return _BACKENDS[path_for(x)]()
 
 
 # --- the dispatched ops ----------------------------------------------------------------------------
@@ -164,21 +174,33 @@ def gaussian(x: torch.Tensor, seed: int, p: float, offset: int = 0) -> torch.Ten
 def keep_mask(
     seed: int, p: float, shape: tuple[int, ...], offset: int = 0, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """Boolean keep mask of ``shape`` (p in [0, 1]), e.g. the shared masks of channel dropout."""
-    probe = torch.empty(0, device=device)
-    return _backend(probe).keep_mask(seed, p, tuple(shape), offset, probe.device)
+    """Boolean keep mask of ``shape`` (p in [0, 1]) drawn on ``device`` by that device's path, e.g. the
+    shared masks of channel dropout (on CUDA the Triton kernel: no mask crosses from the CPU)."""
+    device = torch.device(device)
+    return _BACKENDS[path_on(device)]().keep_mask(seed, p, tuple(shape), offset, device)
 
 
-def relu_dropout_grad(grad: torch.Tensor, out: torch.Tensor, p: float) -> torch.Tensor:
+def relu_dropout_grad(grad: torch.Tensor, out: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
     """Gradient of the ``relu_dropout`` masked op from its output ``out`` (see :mod:`.reference`).
 
-    No mask is involved, so this is torch's own ReLU gradient (``threshold_backward``) divided in
-    place by ``1 - p``: bit for bit the reference (NaN outputs pass the gradient, as torch's ReLU
-    does), in every dtype and on every device. In the MLP step it beat a numba pass over the same
-    bytes: torch's element-wise loops start from C++ on its own thread pool, with no Python in between.
+    No mask is involved, so this is torch's own ReLU gradient (``threshold_backward``) divided by
+    ``1 - p`` in the opmath type: bit for bit the reference (NaN outputs pass the gradient, as torch's
+    ReLU does), in every dtype and on every device. On the CPU with a float ``p`` the division is in
+    place by the Python number (CPU kernels divide by a scalar exactly; CUDA ones multiply by its
+    reciprocal, so elsewhere the divisor is a tensor on the gradient's device). ``p`` may be a 0-dim
+    tensor (a compiled graph's rate). In the MLP step it beat a numba pass over the same bytes:
+    torch's element-wise loops start from C++ on its own thread pool, with no Python in between.
     """
     grad, out = grad.contiguous(), out.contiguous()
-    return torch.ops.aten.threshold_backward(grad, out, 0).div_(1.0 - p)
+    kept = torch.ops.aten.threshold_backward(grad, out, 0)
+    if grad.device.type == "cpu" and not isinstance(p, torch.Tensor):
+        return kept.div_(1.0 - p)
+    opmath = reference.opmath_dtype(grad.dtype)
+    if isinstance(p, torch.Tensor):
+        scale = (1.0 - p).to(opmath)
+    else:
+        scale = torch.full((), 1.0 - p, dtype=opmath, device=grad.device)
+    return (kept.to(opmath) / scale).to(grad.dtype)
 
 
 # --- reference path --------------------------------------------------------------------------------

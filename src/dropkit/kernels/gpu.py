@@ -30,7 +30,10 @@ float32 angle moves z by up to r times its rounding).
 
 Seeds reach a kernel either as a Python int (the :data:`BACKEND` functions, called with the ints
 the dispatcher passes) or as a 0-dim int64 tensor read inside the kernel (the ``torch.library``
-ops of :mod:`dropkit.ops`), so a captured CUDA graph reads a fresh seed at every replay.
+ops of :mod:`dropkit.ops`), so a captured CUDA graph reads a fresh seed at every replay. The rate
+likewise: a Python float, or a 0-dim float64 tensor from which :func:`rate_params` computes the
+draw width, threshold and constants with torch ops and the ``*_rate_kernel`` variants read them
+from memory, taking the branch of their draw width; a compiled graph then serves every rate.
 
 Everything here also runs under Triton's interpreter (``TRITON_INTERPRET=1``, read when this
 module is imported) on CPU tensors; that is how the tests check it without a GPU.
@@ -50,7 +53,7 @@ from dropkit import kernels, rng
 from dropkit.kernels import reference
 
 __all__ = ["ACTIVATIONS", "BACKEND", "BLOCK", "GAUSSIAN_TOLERANCE", "bias_act_dropout", "bias_act_dropout_backward",
-           "gaussian", "keep_mask", "masked", "masked_from_bits"]
+           "gaussian", "keep_mask", "masked", "masked_from_bits", "rate_params"]
 
 #: elements per program: a multiple of 128, so every draw width fills whole counters
 BLOCK = 1024
@@ -145,22 +148,85 @@ def _masked_value(x, a, b, c, keep, KIND: tl.constexpr):
     return out
 
 
+# --- the rate in a tensor -------------------------------------------------------------------------
+
+def rate_params(rate: torch.Tensor, kind: str, rate_bits: int | None = None) -> torch.Tensor:
+    """The kernel parameters of the drop rate held in ``rate`` (a 0-dim float64 tensor), as a float32
+    tensor ``(width, thr, a, b, c)`` on the rate's device, computed by torch ops.
+
+    ``(width, thr)`` is :func:`dropkit.rng.keep_threshold` at ``rate_bits`` (default: the current
+    :func:`dropkit.rng.rate_bits`); ``(a, b, c)`` are :func:`_constants` of ``kind`` (``"gaussian"``:
+    ``a`` is the noise's sigma). Every value is the one a launch with a Python float passes: the same
+    float64 operations in the same order, then one rounding to float32 (``width`` and ``thr`` are
+    integers below 2**17, exact in float32). A compiled graph computes them from the rate at run
+    time, so a new rate runs the graph it has (the kernels read them, see :func:`_rate_draw`).
+    """
+    bits = rng.rate_bits() if rate_bits is None else rate_bits
+    step = 2.0 ** (16 - bits)
+    full = torch.round(rate * 2.0**bits) * step  # rng.threshold: round half to even, as Python's round
+    width, thr = torch.full_like(rate, 16.0), full
+    for w in (8, 4, 2, 1):  # the fewest bits that hold the threshold exactly wins
+        fits = torch.remainder(full, 2.0 ** (16 - w)) == 0
+        width = torch.where(fits, float(w), width)
+        thr = torch.where(fits, full / 2.0 ** (16 - w), thr)
+    keep = 1.0 - rate
+    zero = torch.zeros_like(rate)
+    if kind in ("dropout", "relu_dropout"):
+        a, b, c = keep, zero, zero
+    elif kind == "gaussian":
+        a, b, c = torch.sqrt(rate / keep), zero, zero
+    else:
+        a = 1.0 / torch.sqrt(keep * (1.0 + rate * reference.SELU_SATURATION**2))
+        b, c = (-a * reference.SELU_SATURATION * rate, zero) if kind == "alpha" else (zero, zero)
+    values = [t.to(torch.float32) for t in (width, thr, a, b, c)]
+    if kind == "alpha":  # SELU's saturation times a, in float32 (see _constants)
+        values[4] = torch.full_like(values[2], reference.SELU_SATURATION) * values[2]
+    return torch.stack(values)
+
+
+@triton.jit
+def _rate_draw(params_ptr):
+    """``(width, thr)`` of a rate's parameters (:func:`rate_params`) as int32."""
+    return tl.load(params_ptr).to(tl.int32), tl.load(params_ptr + 1).to(tl.int32)
+
+
 # --- masked ops -----------------------------------------------------------------------------------
 
-@triton.jit(do_not_specialize=["seed", "offset", "thr"])
-def _masked_kernel(x_ptr, out_ptr, bits_ptr, seed, offset, n, thr, a, b, c,
-                   KIND: tl.constexpr, WIDTH: tl.constexpr, SAVE_BITS: tl.constexpr,
-                   SEED_IN_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit
+def _masked_block(x_ptr, out_ptr, bits_ptr, seed, offset, n, thr, a, b, c,
+                  KIND: tl.constexpr, WIDTH: tl.constexpr, SAVE_BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """One program's block of a masked op (``seed`` the 64-bit value)."""
     block = tl.program_id(0).to(tl.int64)
     index = _tile_index(block, WIDTH, BLOCK)
     inside = index < n
-    keep = (_uniform_tile(_seed_value(seed, SEED_IN_TENSOR), offset, block, WIDTH, BLOCK) >= thr) & inside
+    keep = (_uniform_tile(seed, offset, block, WIDTH, BLOCK) >= thr) & inside
     x = _widened(tl.load(x_ptr + index, mask=inside, other=0.0))
     out = _masked_value(x, a, b, c, keep, KIND)
     tl.store(out_ptr + index, _rounded(out, out_ptr.dtype.element_ty), mask=inside)
     if SAVE_BITS:
         byte = block * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
         tl.store(bits_ptr + byte, _pack_tile(tl.reshape(keep, (BLOCK,)), BLOCK), mask=byte < (n + 7) // 8)
+
+
+@triton.jit(do_not_specialize=["seed", "offset", "thr"])
+def _masked_kernel(x_ptr, out_ptr, bits_ptr, seed, offset, n, thr, a, b, c,
+                   KIND: tl.constexpr, WIDTH: tl.constexpr, SAVE_BITS: tl.constexpr,
+                   SEED_IN_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
+    _masked_block(x_ptr, out_ptr, bits_ptr, _seed_value(seed, SEED_IN_TENSOR), offset, n, thr, a, b, c,
+                  KIND, WIDTH, SAVE_BITS, BLOCK)
+
+
+@triton.jit(do_not_specialize=["offset"])
+def _masked_rate_kernel(x_ptr, out_ptr, bits_ptr, seed_ptr, params_ptr, offset, n,
+                        KIND: tl.constexpr, SAVE_BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """:func:`_masked_kernel` with the seed and the rate's parameters read from memory: the draw
+    width is a run-time value here, so each width has its branch."""
+    seed = tl.load(seed_ptr).to(tl.int64)
+    width, thr = _rate_draw(params_ptr)
+    a, b, c = tl.load(params_ptr + 2), tl.load(params_ptr + 3), tl.load(params_ptr + 4)
+    for k in tl.static_range(5):  # widths 1, 2, 4, 8, 16
+        if width == (1 << k):
+            _masked_block(x_ptr, out_ptr, bits_ptr, seed, offset, n, thr, a, b, c, KIND, 1 << k, SAVE_BITS, BLOCK)
 
 
 def _launch(kernel, traceable: bool):
@@ -171,27 +237,32 @@ def _launch(kernel, traceable: bool):
 
 @functools.lru_cache(maxsize=256)
 def _constants(kind: str, p: float) -> tuple[float, float, float]:
-    """The kernels' ``(a, b, c)`` of a masked op (float32 opmath), in plain Python and numpy so that
-    a ``triton_op`` body traced by torch.compile never turns one into a tensor. For alpha dropout
-    ``c`` is SELU's saturation value times ``a`` rounded to float32: the kernel adds ``b`` to it,
-    which gives the reference's dropped value (see :func:`_masked_value`)."""
+    """The kernels' ``(a, b, c)`` of a masked op (float32 opmath), in plain Python and numpy. For
+    alpha dropout ``c`` is SELU's saturation value times ``a`` rounded to float32: the kernel adds
+    ``b`` to it, which gives the reference's dropped value (see :func:`_masked_value`)."""
     if kind == "alpha":
         a, b = reference.alpha_affine(p)
         return a, b, float(np.float32(reference.SELU_SATURATION) * np.float32(a))
     return reference.kind_constants(kind, p, torch.float32)
 
 
-def masked(x: torch.Tensor, seed: int | torch.Tensor, p: float, kind: str, save_bits: bool = False,
-           offset: int = 0, *, traceable: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def masked(x: torch.Tensor, seed: int | torch.Tensor, p: float | torch.Tensor, kind: str, save_bits: bool = False,
+           offset: int = 0, *, rate_bits: int | None = None,
+           traceable: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``keep ? f(x) : c`` with the element-wise mask of ``(seed, offset)``; with ``save_bits`` also
-    the packed keep mask. ``seed`` is an int or a 0-dim int64 tensor on ``x``'s device; ``x`` is
-    contiguous. float64 runs on the reference (not with ``traceable``)."""
+    the packed keep mask. ``seed`` is an int or a 0-dim int64 tensor on ``x``'s device; ``p`` a float,
+    or a 0-dim float64 tensor on ``x``'s device (then ``seed`` is a tensor too and the kernel reads
+    both, see :func:`rate_params`); ``x`` is contiguous. float64 runs on the reference (not with ``traceable``)."""
     if x.dtype not in _TRITON_DTYPES:
-        return kernels.REFERENCE.masked(x, int(seed), p, kind, save_bits, offset)
+        return kernels.REFERENCE.masked(x, int(seed), float(p), kind, save_bits, offset)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     n = x.numel()
     bits = torch.empty((n + 7) // 8, dtype=torch.uint8, device=x.device) if save_bits else None
-    if n:
+    if n and isinstance(p, torch.Tensor):
+        _launch(_masked_rate_kernel, traceable)[(triton.cdiv(n, BLOCK),)](
+            x, out, x if bits is None else bits, seed, rate_params(p, kind, rate_bits), offset, n,
+            KIND=_KINDS[kind], SAVE_BITS=save_bits, BLOCK=BLOCK)
+    elif n:
         width, thr = rng.keep_threshold(p)
         a, b, c = _constants(kind, p)
         _launch(_masked_kernel, traceable)[(triton.cdiv(n, BLOCK),)](
@@ -202,46 +273,73 @@ def masked(x: torch.Tensor, seed: int | torch.Tensor, p: float, kind: str, save_
 
 
 @triton.jit
-def _from_bits_kernel(x_ptr, bits_ptr, out_ptr, n, a, b, c, KIND: tl.constexpr, BLOCK: tl.constexpr):
+def _from_bits_kernel(x_ptr, bits_ptr, out_ptr, n, a, b, c, KIND: tl.constexpr, RATE_IN_TENSOR: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    if RATE_IN_TENSOR:  # a points at the rate's parameters (rate_params)
+        ka, kb, kc = tl.load(a + 2), tl.load(a + 3), tl.load(a + 4)
+    else:
+        ka, kb, kc = a, b, c
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = index < n
     byte = tl.load(bits_ptr + (index >> 3), mask=inside, other=0).to(tl.int32)
     keep = ((byte >> (index & 7).to(tl.int32)) & 1) != 0
     x = _widened(tl.load(x_ptr + index, mask=inside, other=0.0))
-    tl.store(out_ptr + index, _rounded(_masked_value(x, a, b, c, keep, KIND), out_ptr.dtype.element_ty), mask=inside)
+    tl.store(out_ptr + index, _rounded(_masked_value(x, ka, kb, kc, keep, KIND), out_ptr.dtype.element_ty),
+             mask=inside)
 
 
-def masked_from_bits(x: torch.Tensor, bits: torch.Tensor, p: float, kind: str, *,
+def masked_from_bits(x: torch.Tensor, bits: torch.Tensor, p: float | torch.Tensor, kind: str, *,
                      traceable: bool = False) -> torch.Tensor:
-    """``keep ? f(x) : c`` with the keep mask read from a packed bit mask."""
+    """``keep ? f(x) : c`` with the keep mask read from a packed bit mask; ``p`` as in :func:`masked`."""
     if x.dtype not in _TRITON_DTYPES:
-        return kernels.REFERENCE.masked_from_bits(x, bits, p, kind)
+        return kernels.REFERENCE.masked_from_bits(x, bits, float(p), kind)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     n = x.numel()
     if n:
-        a, b, c = _constants(kind, p)
-        _launch(_from_bits_kernel, traceable)[(triton.cdiv(n, BLOCK),)](x, bits, out, n, a, b, c, KIND=_KINDS[kind],
-                                                                       BLOCK=BLOCK)
+        in_tensor = isinstance(p, torch.Tensor)
+        a, b, c = (rate_params(p, kind), 0.0, 0.0) if in_tensor else _constants(kind, p)
+        _launch(_from_bits_kernel, traceable)[(triton.cdiv(n, BLOCK),)](
+            x, bits, out, n, a, b, c, KIND=_KINDS[kind], RATE_IN_TENSOR=in_tensor, BLOCK=BLOCK)
     return out
 
 
 # --- keep masks -----------------------------------------------------------------------------------
 
-@triton.jit(do_not_specialize=["seed", "offset", "thr"])
-def _keep_mask_kernel(out_ptr, seed, offset, n, thr, WIDTH: tl.constexpr, SEED_IN_TENSOR: tl.constexpr,
-                      BLOCK: tl.constexpr):
+@triton.jit
+def _keep_mask_block(out_ptr, seed, offset, n, thr, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
     block = tl.program_id(0).to(tl.int64)
     index = _tile_index(block, WIDTH, BLOCK)
-    keep = _uniform_tile(_seed_value(seed, SEED_IN_TENSOR), offset, block, WIDTH, BLOCK) >= thr
+    keep = _uniform_tile(seed, offset, block, WIDTH, BLOCK) >= thr
     tl.store(out_ptr + index, keep.to(tl.uint8), mask=index < n)
 
 
-def keep_mask(seed: int | torch.Tensor, p: float, shape: tuple[int, ...], offset: int = 0,
-              device: torch.device | str = "cuda", *, traceable: bool = False) -> torch.Tensor:
-    """Boolean keep mask of ``shape`` (element i kept iff its draw >= the threshold)."""
+@triton.jit(do_not_specialize=["seed", "offset", "thr"])
+def _keep_mask_kernel(out_ptr, seed, offset, n, thr, WIDTH: tl.constexpr, SEED_IN_TENSOR: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    _keep_mask_block(out_ptr, _seed_value(seed, SEED_IN_TENSOR), offset, n, thr, WIDTH, BLOCK)
+
+
+@triton.jit(do_not_specialize=["offset"])
+def _keep_mask_rate_kernel(out_ptr, seed_ptr, params_ptr, offset, n, BLOCK: tl.constexpr):
+    """:func:`_keep_mask_kernel` with the seed and the rate read from memory (see :func:`_masked_rate_kernel`)."""
+    seed = tl.load(seed_ptr).to(tl.int64)
+    width, thr = _rate_draw(params_ptr)
+    for k in tl.static_range(5):
+        if width == (1 << k):
+            _keep_mask_block(out_ptr, seed, offset, n, thr, 1 << k, BLOCK)
+
+
+def keep_mask(seed: int | torch.Tensor, p: float | torch.Tensor, shape: tuple[int, ...], offset: int = 0,
+              device: torch.device | str = "cuda", *, rate_bits: int | None = None,
+              traceable: bool = False) -> torch.Tensor:
+    """Boolean keep mask of ``shape`` on ``device`` (element i kept iff its draw >= the threshold);
+    ``seed`` and ``p`` as in :func:`masked`, on ``device`` when they are tensors."""
     out = torch.empty(tuple(shape), dtype=torch.uint8, device=device)
     n = out.numel()
-    if n:
+    if n and isinstance(p, torch.Tensor):
+        _launch(_keep_mask_rate_kernel, traceable)[(triton.cdiv(n, BLOCK),)](
+            out, seed, rate_params(p, "dropout", rate_bits), offset, n, BLOCK=BLOCK)
+    elif n:
         width, thr = rng.keep_threshold(p)
         _launch(_keep_mask_kernel, traceable)[(triton.cdiv(n, BLOCK),)](
             out, seed, offset, n, thr, WIDTH=width, SEED_IN_TENSOR=isinstance(seed, torch.Tensor), BLOCK=BLOCK)
@@ -270,26 +368,33 @@ def _normal_tile(seed, offset, block, BLOCK: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])
-def _gaussian_kernel(x_ptr, out_ptr, seed, offset, n, sigma, SEED_IN_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
+def _gaussian_kernel(x_ptr, out_ptr, seed, offset, n, sigma, SEED_IN_TENSOR: tl.constexpr,
+                     RATE_IN_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
+    if RATE_IN_TENSOR:  # sigma points at the rate's parameters (rate_params, kind "gaussian")
+        s = tl.load(sigma + 2)
+    else:
+        s = sigma
     block = tl.program_id(0).to(tl.int64)
     index = block * BLOCK + tl.arange(0, BLOCK // 2).to(tl.int64)[:, None] * 2 + tl.arange(0, 2)[None, :]
     inside = index < n
     z = _normal_tile(_seed_value(seed, SEED_IN_TENSOR), offset, block, BLOCK)
     x = _widened(tl.load(x_ptr + index, mask=inside, other=0.0))
-    tl.store(out_ptr + index, _rounded(x * (1.0 + sigma * z), out_ptr.dtype.element_ty), mask=inside)
+    tl.store(out_ptr + index, _rounded(x * (1.0 + s * z), out_ptr.dtype.element_ty), mask=inside)
 
 
-def gaussian(x: torch.Tensor, seed: int | torch.Tensor, p: float, offset: int = 0, *,
+def gaussian(x: torch.Tensor, seed: int | torch.Tensor, p: float | torch.Tensor, offset: int = 0, *,
              traceable: bool = False) -> torch.Tensor:
-    """Gaussian dropout ``x * (1 + sigma z)``, ``sigma = sqrt(p / (1 - p))``; also its gradient."""
+    """Gaussian dropout ``x * (1 + sigma z)``, ``sigma = sqrt(p / (1 - p))``; also its gradient.
+    ``seed`` and ``p`` as in :func:`masked`."""
     if x.dtype not in _TRITON_DTYPES:
-        return kernels.REFERENCE.gaussian(x, int(seed), p, offset)
+        return kernels.REFERENCE.gaussian(x, int(seed), float(p), offset)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     n = x.numel()
     if n:
+        in_tensor = isinstance(p, torch.Tensor)
         _launch(_gaussian_kernel, traceable)[(triton.cdiv(n, BLOCK),)](
-            x, out, seed, offset, n, math.sqrt(p / (1.0 - p)), SEED_IN_TENSOR=isinstance(seed, torch.Tensor),
-            BLOCK=BLOCK)
+            x, out, seed, offset, n, rate_params(p, "gaussian") if in_tensor else math.sqrt(p / (1.0 - p)),
+            SEED_IN_TENSOR=isinstance(seed, torch.Tensor), RATE_IN_TENSOR=in_tensor, BLOCK=BLOCK)
     return out
 
 
@@ -329,15 +434,14 @@ def _gelu_grad(h):
     return cdf + h * 0.3989422804014327 * tl.exp(-0.5 * h * h)
 
 
-@triton.jit(do_not_specialize=["seed", "thr"])
-def _bias_act_dropout_kernel(x_ptr, bias_ptr, residual_ptr, out_ptr, seed, n, features, thr, scale,
-                             ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                             WIDTH: tl.constexpr,
-                             SEED_IN_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit
+def _bias_act_dropout_block(x_ptr, bias_ptr, residual_ptr, out_ptr, seed, n, features, thr, scale,
+                            ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                            WIDTH: tl.constexpr, BLOCK: tl.constexpr):
     block = tl.program_id(0).to(tl.int64)
     index = _tile_index(block, WIDTH, BLOCK)
     inside = index < n
-    keep = _uniform_tile(_seed_value(seed, SEED_IN_TENSOR), 0, block, WIDTH, BLOCK) >= thr
+    keep = _uniform_tile(seed, 0, block, WIDTH, BLOCK) >= thr
     h = _pre_activation(x_ptr, bias_ptr, index, inside, features, HAS_BIAS)
     act = _widened(_rounded(_activation(h, ACTIVATION), x_ptr.dtype.element_ty))
     out = tl.where(keep, tl.math.div_rn(act, scale), 0.0)
@@ -348,13 +452,35 @@ def _bias_act_dropout_kernel(x_ptr, bias_ptr, residual_ptr, out_ptr, seed, n, fe
 
 
 @triton.jit(do_not_specialize=["seed", "thr"])
-def _bias_act_dropout_backward_kernel(grad_ptr, x_ptr, bias_ptr, grad_x_ptr, seed, n, features, thr, scale,
-                                      ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, WIDTH: tl.constexpr,
-                                      SEED_IN_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
+def _bias_act_dropout_kernel(x_ptr, bias_ptr, residual_ptr, out_ptr, seed, n, features, thr, scale,
+                             ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                             WIDTH: tl.constexpr, SEED_IN_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
+    _bias_act_dropout_block(x_ptr, bias_ptr, residual_ptr, out_ptr, _seed_value(seed, SEED_IN_TENSOR), n, features,
+                            thr, scale, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, WIDTH, BLOCK)
+
+
+@triton.jit
+def _bias_act_dropout_rate_kernel(x_ptr, bias_ptr, residual_ptr, out_ptr, seed_ptr, params_ptr, n, features,
+                                  ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                                  BLOCK: tl.constexpr):
+    """The fused kernel with the seed and the rate read from memory (see :func:`_masked_rate_kernel`)."""
+    seed = tl.load(seed_ptr).to(tl.int64)
+    width, thr = _rate_draw(params_ptr)
+    scale = tl.load(params_ptr + 2)
+    for k in tl.static_range(5):
+        if width == (1 << k):
+            _bias_act_dropout_block(x_ptr, bias_ptr, residual_ptr, out_ptr, seed, n, features, thr, scale,
+                                    ACTIVATION, HAS_BIAS, HAS_RESIDUAL, 1 << k, BLOCK)
+
+
+@triton.jit
+def _bias_act_dropout_backward_block(grad_ptr, x_ptr, bias_ptr, grad_x_ptr, seed, n, features, thr, scale,
+                                     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, WIDTH: tl.constexpr,
+                                     BLOCK: tl.constexpr):
     block = tl.program_id(0).to(tl.int64)
     index = _tile_index(block, WIDTH, BLOCK)
     inside = index < n
-    keep = _uniform_tile(_seed_value(seed, SEED_IN_TENSOR), 0, block, WIDTH, BLOCK) >= thr
+    keep = _uniform_tile(seed, 0, block, WIDTH, BLOCK) >= thr
     grad = _widened(tl.load(grad_ptr + index, mask=inside, other=0.0))
     grad_act = tl.where(keep, tl.math.div_rn(grad, scale), 0.0)
     if ACTIVATION != 0:
@@ -367,37 +493,68 @@ def _bias_act_dropout_backward_kernel(grad_ptr, x_ptr, bias_ptr, grad_x_ptr, see
     tl.store(grad_x_ptr + index, _rounded(grad_act, grad_x_ptr.dtype.element_ty), mask=inside)
 
 
-def bias_act_dropout(x: torch.Tensor, bias: torch.Tensor | None, seed: int | torch.Tensor, p: float,
-                     activation: str, residual: torch.Tensor | None, *, traceable: bool = False) -> torch.Tensor:
+@triton.jit(do_not_specialize=["seed", "thr"])
+def _bias_act_dropout_backward_kernel(grad_ptr, x_ptr, bias_ptr, grad_x_ptr, seed, n, features, thr, scale,
+                                      ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, WIDTH: tl.constexpr,
+                                      SEED_IN_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
+    _bias_act_dropout_backward_block(grad_ptr, x_ptr, bias_ptr, grad_x_ptr, _seed_value(seed, SEED_IN_TENSOR), n,
+                                     features, thr, scale, ACTIVATION, HAS_BIAS, WIDTH, BLOCK)
+
+
+@triton.jit
+def _bias_act_dropout_backward_rate_kernel(grad_ptr, x_ptr, bias_ptr, grad_x_ptr, seed_ptr, params_ptr, n, features,
+                                           ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    seed = tl.load(seed_ptr).to(tl.int64)
+    width, thr = _rate_draw(params_ptr)
+    scale = tl.load(params_ptr + 2)
+    for k in tl.static_range(5):
+        if width == (1 << k):
+            _bias_act_dropout_backward_block(grad_ptr, x_ptr, bias_ptr, grad_x_ptr, seed, n, features, thr, scale,
+                                             ACTIVATION, HAS_BIAS, 1 << k, BLOCK)
+
+
+def bias_act_dropout(x: torch.Tensor, bias: torch.Tensor | None, seed: int | torch.Tensor, p: float | torch.Tensor,
+                     activation: str, residual: torch.Tensor | None, *, rate_bits: int | None = None,
+                     traceable: bool = False) -> torch.Tensor:
     """``residual + dropout(act(x + bias))`` in one pass, the mask of ``(seed, 0)`` over ``x``'s
     elements; ``bias`` (or None) has ``x``'s last dimension, ``residual`` (or None) ``x``'s shape.
-    Inputs contiguous, one Triton dtype."""
+    Inputs contiguous, one Triton dtype; ``seed`` and ``p`` as in :func:`masked`."""
     out = torch.empty_like(x)
     n = x.numel()
-    if n:
+    features = x.shape[-1] if bias is None else bias.numel()
+    tensors = (x, x if bias is None else bias, x if residual is None else residual, out)
+    flags = {"ACTIVATION": ACTIVATIONS[activation], "HAS_BIAS": bias is not None,
+             "HAS_RESIDUAL": residual is not None, "BLOCK": BLOCK}
+    if n and isinstance(p, torch.Tensor):
+        _launch(_bias_act_dropout_rate_kernel, traceable)[(triton.cdiv(n, BLOCK),)](
+            *tensors, seed, rate_params(p, "dropout", rate_bits), n, features, **flags)
+    elif n:
         width, thr = rng.keep_threshold(p)
         _launch(_bias_act_dropout_kernel, traceable)[(triton.cdiv(n, BLOCK),)](
-            x, x if bias is None else bias, x if residual is None else residual, out, seed, n,
-            x.shape[-1] if bias is None else bias.numel(), thr, 1.0 - p, ACTIVATION=ACTIVATIONS[activation],
-            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, WIDTH=width,
-            SEED_IN_TENSOR=isinstance(seed, torch.Tensor), BLOCK=BLOCK)
+            *tensors, seed, n, features, thr, 1.0 - p, WIDTH=width, SEED_IN_TENSOR=isinstance(seed, torch.Tensor),
+            **flags)
     return out
 
 
 def bias_act_dropout_backward(grad: torch.Tensor, x: torch.Tensor | None, bias: torch.Tensor | None,
-                              seed: int | torch.Tensor, p: float, activation: str, *,
-                              traceable: bool = False) -> torch.Tensor:
+                              seed: int | torch.Tensor, p: float | torch.Tensor, activation: str, *,
+                              rate_bits: int | None = None, traceable: bool = False) -> torch.Tensor:
     """The gradient of :func:`bias_act_dropout` with respect to ``x`` (and, summed over rows, to
     ``bias``) in one pass; ``x`` and ``bias`` are read only for an activation other than ``none``
     (then ``x`` is required)."""
     grad_x = torch.empty_like(grad)
     n = grad.numel()
-    if n:
+    features = grad.shape[-1] if bias is None else bias.numel()
+    tensors = (grad, grad if x is None else x, grad if bias is None else bias, grad_x)
+    flags = {"ACTIVATION": ACTIVATIONS[activation], "HAS_BIAS": bias is not None, "BLOCK": BLOCK}
+    if n and isinstance(p, torch.Tensor):
+        _launch(_bias_act_dropout_backward_rate_kernel, traceable)[(triton.cdiv(n, BLOCK),)](
+            *tensors, seed, rate_params(p, "dropout", rate_bits), n, features, **flags)
+    elif n:
         width, thr = rng.keep_threshold(p)
         _launch(_bias_act_dropout_backward_kernel, traceable)[(triton.cdiv(n, BLOCK),)](
-            grad, grad if x is None else x, grad if bias is None else bias, grad_x, seed, n,
-            grad.shape[-1] if bias is None else bias.numel(), thr, 1.0 - p, ACTIVATION=ACTIVATIONS[activation],
-            HAS_BIAS=bias is not None, WIDTH=width, SEED_IN_TENSOR=isinstance(seed, torch.Tensor), BLOCK=BLOCK)
+            *tensors, seed, n, features, thr, 1.0 - p, WIDTH=width, SEED_IN_TENSOR=isinstance(seed, torch.Tensor),
+            **flags)
     return grad_x
 
 
