@@ -283,6 +283,13 @@ def mc_table(result: dict) -> str:
     return _table(["prediction", "test %"], rows)
 
 
+def _mc_run_label(run: dict) -> tuple[str, str, str]:
+    """Model, training data -> OOD data, and main dropout rate of an ``uncertainty`` entry."""
+    c, u = run["config"], run["uncertainty"]
+    ood = u.get("ood", {}).get("dataset", "-")
+    return f"`{c['model']}`", f"{u.get('dataset', c.get('dataset', '?'))} -> {ood}", f"{c['p']:g}"
+
+
 def mc_uncertainty_table(result: dict) -> str:
     """Per run: eval mode against MC dropout (T passes) on the test set, and OOD detection AUROC."""
     rows = []
@@ -290,32 +297,32 @@ def mc_uncertainty_table(result: dict) -> str:
         c, u = run["config"], run["uncertainty"]
         det, mc = u["deterministic"], u["mc"]
         auroc = mc.get("auroc", {})
-        rows.append([f"`{c['model']}`", str(c["seed"]), str(c["epochs"]), str(u["samples"]),
+        rows.append([*_mc_run_label(run), str(c["seed"]), str(c["epochs"]), str(u["samples"]),
                      f"{100 * det['accuracy']:.2f} / {100 * mc['accuracy']:.2f}",
                      f"{det['nll']:.4f} / {mc['nll']:.4f}", f"{det['ece']:.4f} / {mc['ece']:.4f}",
                      f"{det['brier']:.4f} / {mc['brier']:.4f}",
                      f"{det['auroc']['total_entropy']:.4f}" if "auroc" in det else "-",
                      " / ".join(f"{auroc[k]:.4f}" for k in ("total_entropy", "mutual_information", "max_probability")
                                 if k in auroc) or "-"])
-    return _table(["model", "seed", "epochs", "T", "test % (eval / MC)", "NLL (eval / MC)", "ECE (eval / MC)",
-                   "Brier (eval / MC)", "OOD AUROC, eval: entropy",
+    return _table(["model", "data -> OOD", "p", "seed", "epochs", "T", "test % (eval / MC)", "NLL (eval / MC)",
+                   "ECE (eval / MC)", "Brier (eval / MC)", "OOD AUROC, eval: entropy",
                    "OOD AUROC, MC: entropy / mutual information / 1 - max p"], rows)
 
 
 def mc_levels_table(result: dict) -> str:
-    """MC figures after T passes, mean over the runs of each model."""
-    by_model: dict[str, list[dict]] = {}
+    """MC figures after T passes, mean over the seeds of each model, data and rate."""
+    groups: dict[tuple[str, str, str], list[dict]] = {}
     for run in result["runs"]:
-        by_model.setdefault(run["config"]["model"], []).append(run["uncertainty"])
+        groups.setdefault(_mc_run_label(run), []).append(run["uncertainty"])
     rows = []
-    for model, runs in by_model.items():
+    for label, runs in groups.items():
         ways = [("eval mode", [r["deterministic"] for r in runs])]
         ways += [(f"MC, T = {t}", [r["levels"][t] for r in runs]) for t in runs[0]["levels"]]
         for name, figures in ways:
             mean = {k: sum(f[k] for f in figures) / len(figures) for k in ("accuracy", "nll", "ece")}
-            rows.append([f"`{model}`", name, f"{100 * mean['accuracy']:.2f}", f"{mean['nll']:.4f}",
+            rows.append([*label, str(len(runs)), name, f"{100 * mean['accuracy']:.2f}", f"{mean['nll']:.4f}",
                          f"{mean['ece']:.4f}"])
-    return _table(["model", "prediction", "test %", "NLL", "ECE"], rows)
+    return _table(["model", "data -> OOD", "p", "seeds", "prediction", "test %", "NLL", "ECE"], rows)
 
 
 def mc_speed_table(result: dict) -> str:
