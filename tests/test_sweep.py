@@ -5,8 +5,8 @@ and argument errors that name the flag.
 
 Most tests use a fake training function (validation accuracy a known function of p and the
 epoch) so that they check the study's bookkeeping in milliseconds; a few run real training on a
-tiny slice of MNIST (through the command line with two worker processes, as a data-parallel job,
-and for the winner's test accuracy).
+tiny slice of MNIST (through the command line with two worker processes, as data-parallel jobs,
+and for the winner's test accuracy). The tests that start processes of their own are marked slow.
 """
 
 from __future__ import annotations
@@ -234,6 +234,7 @@ def _kill_a_worker_in_its_hang(tmp_path: Path, cfg_args: str, **env: str) -> Non
         proc.wait()
 
 
+@pytest.mark.slow
 def test_killed_worker_loses_only_its_trial_and_a_rerun_completes(tmp_path):
     _kill_a_worker_in_its_hang(tmp_path, ", pruner='median'")
     before = _load(tmp_path).get_trials()
@@ -543,6 +544,7 @@ def test_promote_trains_the_best_in_full_when_no_rung_holds_three(tmp_path):
     assert summary["complete"] and summary["epochs"]["spent"] == 1 + 1 + 2 + 6
 
 
+@pytest.mark.slow
 def test_two_workers_run_every_job_of_a_promote_study_once(tmp_path, monkeypatch):
     monkeypatch.setenv(SLOW_ENV, "0.2")   # the spawned workers inherit it: their jobs overlap
     summary = run_sweep(_promote_cfg(tmp_path, workers=2), fake_train, log=lambda line: None)
@@ -550,6 +552,7 @@ def test_two_workers_run_every_job_of_a_promote_study_once(tmp_path, monkeypatch
     assert not any(t.state == TrialState.FAIL for t in trials) and len(trials) == 13
 
 
+@pytest.mark.slow
 def test_a_killed_promote_worker_loses_only_its_job_and_a_rerun_completes(tmp_path):
     _promote_cfg(tmp_path)
     # the hang is in trial 9, the first promotion
