@@ -5,6 +5,13 @@ from __future__ import annotations
 
 import os
 
+# One thread per process unless asked otherwise, set before torch starts its thread pool: ``-n 2``
+# runs two test processes on a 2-core machine, and many tests start processes of their own (which
+# inherit this), so every extra OpenMP thread would compete for a core; a thread that loses its
+# core holds up each parallel region, and a small training run then takes many times longer.
+# Tests about thread counts set them themselves.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # Without a GPU the Triton kernels run under Triton's interpreter on CPU tensors
 # (tests/test_gpu_kernels.py). Triton reads TRITON_INTERPRET when it decorates a function, its own
 # library included (tl.randint4x) when triton is first imported, which torch._dynamo does; so the
@@ -58,6 +65,13 @@ def write_idx_folder(folder: Path, n_train: int = 40, n_test: int = 20, *, gz: b
         write_idx(folder / f"{stem}-images-idx3-ubyte{ext}", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
         write_idx(folder / f"{stem}-labels-idx1-ubyte{ext}", rng.integers(0, 10, n, dtype=np.uint8))
     return folder
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The tests marked slow first, each group in its usual order: under ``-n 2`` a worker starts
+    the long end-to-end tests while the other works through the short ones, and the last minutes
+    are short tests that both workers share, rather than one long test on a worker alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture

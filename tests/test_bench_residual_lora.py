@@ -1,18 +1,19 @@
-"""The residual-ViT and LoRA benchmark scripts at tiny sizes: they run and write the JSON they promise."""
+"""The residual-ViT and LoRA benchmark scripts at tiny sizes: they run and write the JSON they promise.
+
+The scripts (benchmarks/, on the path through conftest) and the libraries they import (timm,
+peft, transformers) are imported by the tests, not when the module is collected: only a process
+that runs these slow tests pays for them."""
 
 import json
 
 import pytest
 
-pytest.importorskip("timm")
-pytest.importorskip("peft")
-
-import lora_step  # noqa: E402  (benchmarks/, on the path through conftest)
-import residual_vit  # noqa: E402
-
 
 @pytest.mark.slow
 def test_residual_vit_script_writes_step_ratios_and_accuracies(tmp_path, capsys):
+    pytest.importorskip("timm")
+    import residual_vit
+
     out = tmp_path / "vit.json"
     assert residual_vit.main(["--rates", "0.5", "--batch", "4", "--img", "8", "--patch", "4", "--dim", "16",
                               "--depth", "2", "--heads", "2", "--repeats", "1", "--acc-seeds", "0",
@@ -30,6 +31,9 @@ def test_residual_vit_script_writes_step_ratios_and_accuracies(tmp_path, capsys)
 
 @pytest.mark.slow
 def test_lora_script_measures_saved_bytes_and_step_time(tmp_path, capsys):
+    pytest.importorskip("peft")
+    import lora_step
+
     out = tmp_path / "lora.json"
     assert lora_step.main(["--hidden", "32", "--intermediate", "48", "--layers", "1", "--heads", "4",
                            "--kv-heads", "2", "--vocab", "64", "--batch", "2", "--seq", "8", "--rank", "4",

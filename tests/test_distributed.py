@@ -35,29 +35,35 @@ def _train(out: Path, *args: str) -> list[dict]:
     proc = _dropkit(*SLICE, "--out", str(out), *args)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
-    return [json.loads(line) for line in (out / "p=0.5" / "metrics.jsonl").read_text().splitlines()]
+    return _metrics(out / "p=0.5")
 
 
 def _stable(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in NOISY_KEYS} for row in rows]
 
 
+#: the settings of the command lines above (SLICE, two epochs), for runs launched from this process
+CONFIG = TrainConfig(p=0.5, epochs=2, limit_train=6000, limit_test=2000, val_size=500)
+
+
+def _metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory) -> list[dict]:
-    return _train(tmp_path_factory.mktemp("ddp") / "a", "--epochs", "2", "--nproc", "2")
+    """A run of CONFIG on 2 processes, launched from here (the command line's ``--nproc`` runs in
+    the killed run's resume)."""
+    out = tmp_path_factory.mktemp("ddp") / "p=0.5"
+    distributed.launch(2, _train_history, CONFIG, str(out), [])
+    return _metrics(out)
 
 
 @pytest.mark.slow
 def test_two_processes_match_one_at_the_same_global_batch(two_process_run, tmp_path):
-    single = _train(tmp_path / "one", "--epochs", "2")
+    single = train(CONFIG, tmp_path / "one", quiet=True).history
     assert len(two_process_run) == len(single) == 2
     assert abs(two_process_run[-1]["test_acc"] - single[-1]["test_acc"]) <= 0.01
-
-
-@pytest.mark.slow
-def test_same_seed_and_world_size_give_the_same_run(two_process_run, tmp_path):
-    again = _train(tmp_path / "b", "--epochs", "2", "--nproc", "2")
-    assert _stable(again) == _stable(two_process_run)
 
 
 class KillRankOneInEpochTwo(Callback):
@@ -76,41 +82,39 @@ def _train_history(config: TrainConfig, out: str, callbacks: list) -> list[dict]
 @pytest.mark.slow
 def test_a_rank_killed_mid_epoch_stops_the_job_naming_it_and_the_run_resumes_to_the_same_end(
         two_process_run, tmp_path):
-    config = TrainConfig(p=0.5, epochs=2, limit_train=6000, limit_test=2000, val_size=500)
+    """Also the repeatability of a data-parallel run: the killed run's first epoch, and the end of
+    its resumed run, are those of the fixture's run (same seed and world size, another launch)."""
     with pytest.raises(distributed.WorkerFailed, match=r"rank 1 \(pid \d+\) failed \(exit code -9\) without raising"):
-        distributed.launch(2, _train_history, config, str(tmp_path / "p=0.5"), [KillRankOneInEpochTwo()])
-    assert (tmp_path / "p=0.5" / "metrics.jsonl").read_text().count("\n") == 1
+        distributed.launch(2, _train_history, CONFIG, str(tmp_path / "p=0.5"), [KillRankOneInEpochTwo()])
+    assert _stable(_metrics(tmp_path / "p=0.5")) == _stable(two_process_run[:1])
     resumed = _train(tmp_path, "--epochs", "2", "--nproc", "2", "--resume")  # refuses another config
     assert _stable(resumed) == _stable(two_process_run)
 
 
-def _masks_per_rank(seed: int) -> list[torch.Tensor]:
-    """Draw a mask the way dropkit.lab.train seeds each rank's first epoch; gather every rank's mask."""
+def _masks_then_rank_one_raises(seed: int, out: str) -> None:
+    """Draw a mask the way dropkit.lab.train seeds each rank's first epoch and save every rank's
+    (gathered on rank 0) to ``out``; then rank 1 raises while rank 0 waits for it."""
     torch.manual_seed(rng.derive_seed(seed, MASK_STREAM, distributed.rank(), 1))
     mask = dropkit.dropout(torch.ones(4096), 0.5, training=True) != 0
     gathered = [None] * distributed.world_size()
     dist.all_gather_object(gathered, mask)
-    return gathered
-
-
-@pytest.mark.slow
-def test_ranks_draw_different_masks():
-    masks = distributed.launch(2, _masks_per_rank, 0)
-    assert len(masks) == 2
-    assert not torch.equal(masks[0], masks[1])
-    assert 0.4 < float(masks[0].float().mean()) < 0.6
-
-
-def _raise_on_rank_one() -> None:
+    if distributed.is_main():
+        torch.save(gathered, out)
+    distributed.barrier()  # the masks are saved before rank 1 fails
     if distributed.rank() == 1:
         raise RuntimeError("injected failure")
     distributed.barrier()  # rank 0 would wait here forever for its dead peer
 
 
 @pytest.mark.slow
-def test_a_rank_that_raises_stops_the_job_naming_the_rank():
+def test_ranks_draw_different_masks_and_a_rank_that_raises_stops_the_job_naming_it(tmp_path):
+    """Both in one launch, whose processes' start-up is most of the cost."""
     with pytest.raises(distributed.WorkerFailed, match=r"rank 1 \(pid \d+\) failed.*injected failure"):
-        distributed.launch(2, _raise_on_rank_one)
+        distributed.launch(2, _masks_then_rank_one_raises, 0, str(tmp_path / "masks.pt"))
+    masks = torch.load(tmp_path / "masks.pt")
+    assert len(masks) == 2
+    assert not torch.equal(masks[0], masks[1])
+    assert 0.4 < float(masks[0].float().mean()) < 0.6
 
 
 def _torch_failure(pid, exitcode=1):

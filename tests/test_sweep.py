@@ -1,16 +1,20 @@
 """dropkit sweep: exact trial budgets across workers, recovery from a killed worker, resumption,
 pruning, promotion-based halving (its rule, its epoch budget, its jobs across workers and kills),
-test accuracy read for the winner only, and argument errors that name the flag.
+test accuracy read for the winner only (and read while another worker holds its run folder),
+and argument errors that name the flag.
 
 Most tests use a fake training function (validation accuracy a known function of p and the
-epoch) so that they check the study's bookkeeping in milliseconds; one runs real training on a
-tiny slice of MNIST through the command line with two worker processes.
+epoch) so that they check the study's bookkeeping in milliseconds; a few run real training on a
+tiny slice of MNIST (through the command line with two worker processes, as data-parallel jobs,
+and for the winner's test accuracy). The tests that start processes of their own are marked slow.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +29,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from dropkit.lab import distributed
+from dropkit.lab import distributed, run_lock
 from dropkit.lab.cli import build_parser, main
 from dropkit.lab.commands.sweep import sweep_config
 from dropkit.lab.sweep import (
@@ -42,8 +46,8 @@ from dropkit.lab.sweep import (
 )
 from dropkit.lab.sweep.promote import WAIT
 from dropkit.lab.sweep.study import heartbeat_storage, retry_history
-from dropkit.lab.sweep.worker import _claim, _fail_dead_trials, _is_dead
-from dropkit.lab.train import CHECKPOINT, TrainConfig
+from dropkit.lab.sweep.worker import LOCK_FILE, _claim, _fail_dead_trials, _is_dead
+from dropkit.lab.train import CHECKPOINT, TrainConfig, train
 
 #: run folders whose test accuracy was read, in order (the fake's rows record it)
 TEST_READS: list[str] = []
@@ -201,7 +205,7 @@ def test_nproc_trains_every_job_as_a_data_parallel_run(tmp_path, capsys, monkeyp
             "--out", str(tmp_path)]
     assert main(argv) == 0
     assert "1 worker(s) of 2 processes" in capsys.readouterr().out
-    assert launched == [2, 2]  # the job, then reading the winner's test accuracy (which trains nothing)
+    assert launched == [2]  # the job; the winner's test accuracy is read from its finished run
     summary = json.loads((tmp_path / "sweep.json").read_text())
     assert summary["complete"] and summary["best"]["test_acc"] is not None
     (row,) = summary["trials"]
@@ -230,6 +234,7 @@ def _kill_a_worker_in_its_hang(tmp_path: Path, cfg_args: str, **env: str) -> Non
         proc.wait()
 
 
+@pytest.mark.slow
 def test_killed_worker_loses_only_its_trial_and_a_rerun_completes(tmp_path):
     _kill_a_worker_in_its_hang(tmp_path, ", pruner='median'")
     before = _load(tmp_path).get_trials()
@@ -288,6 +293,59 @@ def test_test_accuracy_is_read_for_the_best_validation_trial_only(tmp_path):
     assert TEST_READS == [best["run_dir"]]
     assert summary["best"]["test_acc"] == pytest.approx(best["val_acc"] - 0.002)
     assert not any("test" in key for row in summary["trials"] for key in row)
+
+
+def _real_cfg(out: Path) -> SweepConfig:
+    """One trial of one epoch of real training on a slice of MNIST."""
+    base = TrainConfig(model="tutorial_mlp", model_kwargs={"hidden": 16}, epochs=1, limit_train=300,
+                       limit_test=100, val_size=100)
+    return SweepConfig(base=base, out_dir=out, trials=1)
+
+
+def _refuse_to_train(*args, **kwargs):
+    raise AssertionError("the finished winner was trained again")
+
+
+def test_a_finished_winner_is_read_while_another_worker_holds_its_run_folder(tmp_path):
+    """Two workers that end together both summarise: the winner's test accuracy is read from its
+    finished run without its lock, so a worker finds the folder held (here by the test) and still
+    succeeds, and trains nothing."""
+    cfg = _real_cfg(tmp_path)
+    first = run_sweep(cfg, log=lambda line: None)
+    run_dir = Path(first["best"]["run_dir"])
+    recorded = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["test_acc"]
+    assert first["best"]["test_acc"] == recorded
+    with run_lock.hold(run_dir):
+        again = run_sweep(cfg, _refuse_to_train, log=lambda line: None)
+    assert again["best"]["test_acc"] == recorded
+
+
+def test_a_winner_trained_elsewhere_is_trained_once_under_the_machine_lock(tmp_path):
+    """A winner whose run is not on this machine is trained again while the sweep holds this
+    machine's lock, so this machine's other workers wait for it and then read the finished run."""
+    cfg = _real_cfg(tmp_path)
+    first = run_sweep(cfg, log=lambda line: None)
+    run_dir = Path(first["best"]["run_dir"])
+    shutil.rmtree(run_dir)  # as on a machine that did not train it
+    held = []
+
+    def train_checking_the_lock(*args, **kwargs):
+        with open(tmp_path / LOCK_FILE, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held.append(True)
+            else:
+                held.append(False)
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        return train(*args, **kwargs)
+
+    lines: list[str] = []
+    again = run_sweep(cfg, train_checking_the_lock, log=lines.append)
+    assert held == [True]
+    assert any("training it again there for its test accuracy" in line for line in lines)
+    assert again["best"]["test_acc"] == first["best"]["test_acc"]  # the same seed trains the same run
+    assert run_sweep(cfg, _refuse_to_train, log=lambda line: None)["best"]["test_acc"] == first["best"]["test_acc"]
 
 
 def test_an_incomplete_study_reports_no_test_accuracy(tmp_path):
@@ -486,6 +544,7 @@ def test_promote_trains_the_best_in_full_when_no_rung_holds_three(tmp_path):
     assert summary["complete"] and summary["epochs"]["spent"] == 1 + 1 + 2 + 6
 
 
+@pytest.mark.slow
 def test_two_workers_run_every_job_of_a_promote_study_once(tmp_path, monkeypatch):
     monkeypatch.setenv(SLOW_ENV, "0.2")   # the spawned workers inherit it: their jobs overlap
     summary = run_sweep(_promote_cfg(tmp_path, workers=2), fake_train, log=lambda line: None)
@@ -493,6 +552,7 @@ def test_two_workers_run_every_job_of_a_promote_study_once(tmp_path, monkeypatch
     assert not any(t.state == TrialState.FAIL for t in trials) and len(trials) == 13
 
 
+@pytest.mark.slow
 def test_a_killed_promote_worker_loses_only_its_job_and_a_rerun_completes(tmp_path):
     _promote_cfg(tmp_path)
     # the hang is in trial 9, the first promotion

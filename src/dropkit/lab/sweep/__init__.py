@@ -56,7 +56,11 @@ Validation selects, test reports once
     Trials are compared on the validation split only. ``train`` measures the test set every
     epoch (that is its contract), but the sweep never reads a trial's test figure except the
     winner's, after the study is complete: nothing in the study, the table or the plot depends
-    on test data.
+    on test data. Every worker that sees the study complete writes the summary: it reads the
+    winner's figure from the finished run's checkpoint without the run folder's lock, so workers
+    that end together never clash over it; a winner trained on another machine (its run is not
+    here) is trained again, by one worker of this machine at a time (under the machine lock),
+    and the next one reads that run.
 
 Storage, resumption and workers
     By default the study lives in an Optuna journal file (``JournalFileBackend``) in the sweep

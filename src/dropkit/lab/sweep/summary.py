@@ -27,7 +27,7 @@ from dropkit.lab.sweep.promote import (  # noqa: E402
 )
 from dropkit.lab.sweep.study import STORAGE_FILE, retry_history  # noqa: E402
 from dropkit.lab.sweep.trial import TrainFn  # noqa: E402
-from dropkit.lab.train import CHECKPOINT, train  # noqa: E402
+from dropkit.lab.train import CHECKPOINT, finished_history, train  # noqa: E402
 
 __all__ = ["PLOT_FILE", "SUMMARY_FILE", "TRIALS_DIR", "fmt", "format_table", "plot_sweep", "say", "summarise"]
 
@@ -113,15 +113,20 @@ def summarise(study: optuna.Study, cfg: SweepConfig, train_fn: TrainFn = train, 
 
 
 def _winner_test_accuracy(cfg: SweepConfig, best: FrozenTrial, train_fn: TrainFn, log: Log) -> float:
-    """The winner's test accuracy at its last epoch, read from its finished run (resuming a run that
-    holds every epoch trains nothing). A winner trained on another machine is trained again here."""
+    """The winner's test accuracy at its last epoch. A finished run's is read from its checkpoint
+    without taking its lock, so the workers of a sweep that summarise it at the same moment never
+    clash over the folder; a winner trained on another machine (its run is not here) is trained
+    again here, which the sweep does under this machine's lock (see ``run_sweep``)."""
     run_dir = Path(best.user_attrs.get("run_dir") or cfg.out_dir / TRIALS_DIR / f"{cfg.study_name}-{best.number:04d}")
-    if not (run_dir / CHECKPOINT).exists():
-        host = best.user_attrs.get("owner", {}).get("host")
-        log(f"trial {best.number}'s run is not in {run_dir} (trained on {host}?): "
-            f"training it again there for its test accuracy")
-    result = train_fn(trial_config(cfg.base, best.params), run_dir, resume=True, quiet=True)
-    return result.history[-1]["test_acc"]
+    config = trial_config(cfg.base, best.params)
+    history = finished_history(run_dir, config)
+    if history is None:
+        if not (run_dir / CHECKPOINT).exists():
+            host = best.user_attrs.get("owner", {}).get("host")
+            log(f"trial {best.number}'s run is not in {run_dir} (trained on {host}?): "
+                f"training it again there for its test accuracy")
+        history = train_fn(config, run_dir, resume=True, quiet=True).history
+    return history[-1]["test_acc"]
 
 
 def format_table(summary: dict[str, Any]) -> str:

@@ -350,7 +350,10 @@ def run_sweep(cfg: SweepConfig, train_fn: TrainFn = train, log: Log = say) -> di
             if proc.exitcode != 0:
                 log(f"worker {i} exited with code {proc.exitcode}")
         _fail_dead_trials(study, cfg, log)
-    summary = summarise(study, cfg, train_fn, log)
-    (cfg.out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    plot_sweep(summary, cfg.out_dir / PLOT_FILE)
+    # the workers of this machine summarise one at a time: a winner trained on another machine
+    # is trained here once, and the next worker reads that finished run
+    with _machine_lock(cfg.out_dir):
+        summary = summarise(study, cfg, train_fn, log)
+        (cfg.out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        plot_sweep(summary, cfg.out_dir / PLOT_FILE)
     return summary

@@ -15,7 +15,7 @@ Example::
     print(result.final["test_acc"])
 """
 
-from dropkit.lab.train.checkpoint import CHECKPOINT
+from dropkit.lab.train.checkpoint import CHECKPOINT, finished_history
 from dropkit.lab.train.config import (
     ADAPTIVE_START_P,
     DROP_SCHEDULES,
@@ -53,6 +53,7 @@ __all__ = [
     "TrainResult",
     "apply_max_norm",
     "evaluate",
+    "finished_history",
     "hidden_linears",
     "iter_metrics",
     "load_splits",

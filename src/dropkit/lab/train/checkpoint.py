@@ -24,7 +24,7 @@ from dropkit.lab.sealed_files import CHECKPOINT
 from dropkit.lab.train.averaging import WeightAverage
 from dropkit.lab.train.config import TrainConfig, check_resumable
 
-__all__ = ["CHECKPOINT", "RunState", "clear_checkpoints", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT", "RunState", "clear_checkpoints", "finished_history", "load_checkpoint", "save_checkpoint"]
 
 
 @dataclass
@@ -83,3 +83,20 @@ def load_checkpoint(folder: Path, config: TrainConfig, run: RunState) -> list[di
     if run.average is not None:
         run.average.load_state_dict(state["average"])
     return state["history"]
+
+
+def finished_history(folder: Path, config: TrainConfig) -> list[dict[str, Any]] | None:
+    """The metrics of the run in ``folder`` when its newest good checkpoint holds every epoch of
+    ``config`` and may be continued with it: what resuming that run would return, read without
+    training and without taking the run's lock (a checkpoint is replaced atomically, so a reader
+    never sees half of one). None when the folder holds no such run: no checkpoint, fewer
+    epochs, other settings, or only damaged checkpoints (resuming then trains, or names the
+    problem)."""
+    try:
+        state = sealed_files.load_latest(folder)
+        if state is None:
+            return None
+        check_resumable(state["config"], state["epoch"], config)
+    except ValueError:  # CheckpointError included
+        return None
+    return state["history"] if state["epoch"] == config.epochs else None
