@@ -287,7 +287,9 @@ def _mc_run_label(run: dict) -> tuple[str, str, str]:
     """Model, training data -> OOD data, and main dropout rate of an ``uncertainty`` entry."""
     c, u = run["config"], run["uncertainty"]
     ood = u.get("ood", {}).get("dataset", "-")
-    return f"`{c['model']}`", f"{u.get('dataset', c.get('dataset', '?'))} -> {ood}", f"{c['p']:g}"
+    # a run at the model's own rate has p None in its config; its folder is still named p=RATE
+    p = f"{c['p']:g}" if c["p"] is not None else u["run"].rsplit("p=", 1)[-1]
+    return f"`{c['model']}`", f"{u.get('dataset', c.get('dataset', '?'))} -> {ood}", p
 
 
 def mc_uncertainty_table(result: dict) -> str:
@@ -508,8 +510,8 @@ TABLES: dict[str, Callable[[], str]] = {
                                        "residual_vit_accuracy_1000steps_seed1.json",
                                        "residual_vit_accuracy_1000steps_seed2.json"]], residual_vit_accuracy_table),
     "lora_step": _grouped([["lora_step_t1_cpu_time.json", "lora_step_saved_bytes.json"]], lora_step_table),
-    "mc_uncertainty": _single(["mc_uncertainty_mnist_mlp_cnn.json"], mc_uncertainty_table),
-    "mc_levels": _single(["mc_uncertainty_mnist_mlp_cnn.json"], mc_levels_table),
+    "mc_uncertainty": _single(["mc_uncertainty_mnist_fashion.json"], mc_uncertainty_table),
+    "mc_levels": _single(["mc_uncertainty_mnist_fashion.json"], mc_levels_table),
     "mc_speed": _single(["mc_speed_srivastava_mlp_t20.json"], mc_speed_table),
     "trees_dart": _grouped([["trees_dart_reference_fashion.json"], ["trees_dart_reference_mnist.json"]], trees_table),
 }
