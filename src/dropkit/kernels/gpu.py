@@ -525,14 +525,8 @@ def bias_act_dropout(x: torch.Tensor, bias: torch.Tensor | None, seed: int | tor
     tensors = (x, x if bias is None else bias, x if residual is None else residual, out)
     flags = {"ACTIVATION": ACTIVATIONS[activation], "HAS_BIAS": bias is not None,
              "HAS_RESIDUAL": residual is not None, "BLOCK": BLOCK}
-    if n and isinstance(p, torch.Tensor):
-        _launch(_bias_act_dropout_rate_kernel, traceable)[(triton.cdiv(n, BLOCK),)](
-            *tensors, seed, rate_params(p, "dropout", rate_bits), n, features, **flags)
-    elif n:
-        width, thr = rng.keep_threshold(p)
-        _launch(_bias_act_dropout_kernel, traceable)[(triton.cdiv(n, BLOCK),)](
-            *tensors, seed, n, features, thr, 1.0 - p, WIDTH=width, SEED_IN_TENSOR=isinstance(seed, torch.Tensor),
-            **flags)
+    _launch_fused((_bias_act_dropout_rate_kernel, _bias_act_dropout_kernel), tensors, seed, p, n, features, flags,
+                  rate_bits, traceable)
     return out
 
 
@@ -547,15 +541,26 @@ def bias_act_dropout_backward(grad: torch.Tensor, x: torch.Tensor | None, bias: 
     features = grad.shape[-1] if bias is None else bias.numel()
     tensors = (grad, grad if x is None else x, grad if bias is None else bias, grad_x)
     flags = {"ACTIVATION": ACTIVATIONS[activation], "HAS_BIAS": bias is not None, "BLOCK": BLOCK}
-    if n and isinstance(p, torch.Tensor):
-        _launch(_bias_act_dropout_backward_rate_kernel, traceable)[(triton.cdiv(n, BLOCK),)](
+    _launch_fused((_bias_act_dropout_backward_rate_kernel, _bias_act_dropout_backward_kernel), tensors, seed, p, n,
+                  features, flags, rate_bits, traceable)
+    return grad_x
+
+
+def _launch_fused(kernels_by_rate: tuple, tensors: tuple, seed: int | torch.Tensor, p: float | torch.Tensor, n: int,
+                  features: int, flags: dict, rate_bits: int | None, traceable: bool) -> None:
+    """Launch a fused kernel over ``n`` elements: the ``*_rate_kernel`` of the pair when ``p`` is a
+    tensor (its parameters read from memory), else the one with the rate's constants as arguments."""
+    if not n:
+        return
+    rate_kernel, kernel = kernels_by_rate
+    if isinstance(p, torch.Tensor):
+        _launch(rate_kernel, traceable)[(triton.cdiv(n, BLOCK),)](
             *tensors, seed, rate_params(p, "dropout", rate_bits), n, features, **flags)
-    elif n:
+    else:
         width, thr = rng.keep_threshold(p)
-        _launch(_bias_act_dropout_backward_kernel, traceable)[(triton.cdiv(n, BLOCK),)](
+        _launch(kernel, traceable)[(triton.cdiv(n, BLOCK),)](
             *tensors, seed, n, features, thr, 1.0 - p, WIDTH=width, SEED_IN_TENSOR=isinstance(seed, torch.Tensor),
             **flags)
-    return grad_x
 
 
 #: whether the kernels run on Triton's interpreter (``TRITON_INTERPRET=1`` when this module was imported)
