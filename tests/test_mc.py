@@ -137,6 +137,22 @@ def test_chunked_budget_gives_the_same_samples():
     assert torch.equal(chunked[:3], mc.mc_samples(model, x, samples=3, seed=0, memory_budget=BIG))
 
 
+
+def test_pass_bytes_are_measured_once_per_model_and_input_shape():
+    model = nn.Sequential(nn.Tanh(), dnn.Dropout(0.5), nn.Dropout(0.3))
+    rows = []
+    model.register_forward_pre_hook(lambda _m, inputs: rows.append(inputs[0].shape[0]))
+    per_pass = 4 * 10 * 6 * 4  # as above
+    x = torch.randn(10, 6)
+    first = mc.mc_samples(model, x, samples=5, seed=2, memory_budget=2 * per_pass + 1)
+    again = mc.mc_samples(model, x, samples=5, seed=2, memory_budget=2 * per_pass + 1)
+    mc.mc_samples(model, torch.randn(3, 6), samples=5, seed=2, memory_budget=2 * per_pass + 1)
+    assert rows[:6] == [10, 20, 20] + [20, 20, 10]  # no lone first pass for a shape seen before
+    assert rows[6] == 3 and sum(rows[7:]) == 12  # a new shape is measured again
+    assert torch.equal(first, again)
+    assert list(mc._PASS_BYTES[model]) == [((10, 6), torch.float32, torch.device("cpu")),
+                                           ((3, 6), torch.float32, torch.device("cpu"))]
+
 def test_transformer_fast_path_is_off_while_sampling_and_restored():
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.3, batch_first=True).eval()

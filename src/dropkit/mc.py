@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dropkit import kernels, rng
+from dropkit import kernels, mc_thinned, rng
 from dropkit import nn as dnn
 from dropkit.concrete import ConcreteDropout
 from dropkit.convert import TWINS
@@ -76,6 +77,12 @@ DEFAULT_MEMORY_BUDGET = 256 * 2**20
 _PASS_STREAM = 3
 #: stream of :func:`dropkit.rng.derive_seed` that the keys of the one-call layers come from
 _LAYER_STREAM = 4
+
+#: bytes of module outputs of one pass, per model and input (shape, dtype, device), measured by
+#: :func:`mc_samples`; held weakly, so a model that is let go takes its entries with it
+_PASS_BYTES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
+#: input shapes remembered per model (the oldest is forgotten first)
+_PASS_BYTES_SHAPES = 8
 
 #: layers whose passes are drawn in one kernel call when they have no ``mask_shape``: the kernel's kind
 _ONE_CALL_KINDS = {dnn.Dropout: "dropout", dnn.ReLUDropout: "relu_dropout", dnn.AlphaDropout: "alpha",
@@ -370,6 +377,13 @@ def _output_bytes(model: nn.Module, run) -> tuple[Any, int]:
             handle.remove()
 
 
+def _remember_pass_bytes(model: nn.Module, key: tuple, pass_bytes: int) -> None:
+    known = _PASS_BYTES[model]
+    known[key] = pass_bytes
+    while len(known) > _PASS_BYTES_SHAPES:
+        del known[next(iter(known))]
+
+
 def _check_int(name: str, value: int, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int >= {low}, got {type(value).__name__} {value!r}")
@@ -379,13 +393,20 @@ def _check_int(name: str, value: int, low: int) -> None:
 
 @torch.no_grad()
 def mc_samples(model: nn.Module, x: torch.Tensor, samples: int = 30, *, seed: int | None = None,
-               memory_budget: int = DEFAULT_MEMORY_BUDGET) -> torch.Tensor:
+               memory_budget: int = DEFAULT_MEMORY_BUDGET, shared_masks: bool = False) -> torch.Tensor:
     """``samples`` stochastic forward passes of ``model`` on ``x`` with dropout on, stacked.
 
     Monte Carlo dropout (Gal & Ghahramani, ICML 2016). The passes run batched (see the module
-    docstring): the first pass alone, measuring the bytes of every module's outputs; then as many
-    passes per forward as fit in ``memory_budget`` (at least one). Pass ``t`` draws its masks from
-    ``derive_seed(seed, t)`` only, so the result is the same for any budget.
+    docstring): as many passes per forward as fit in ``memory_budget`` (at least one), by the
+    bytes of every module's outputs in one pass. Those bytes are measured on a first pass run
+    alone, once per model and input shape: later calls with the same shape run every pass batched.
+    Pass ``t`` draws its masks from ``derive_seed(seed, t)`` only, so the result is the same for
+    any budget.
+
+    With ``shared_masks=True`` each pass is one thinned network applied to the whole batch
+    (:mod:`dropkit.mc_thinned`): for an ``nn.Sequential`` MLP the dropped units' rows and columns
+    of the weights are left out of the products, which pays at large batches. Every input gets
+    passes with the same distribution as with per-element masks; the inputs of a batch share them.
 
     Args:
         model: a module mapping a batch-first ``(N, ...)`` tensor to one ``(N, ...)`` tensor, with
@@ -396,7 +417,10 @@ def mc_samples(model: nn.Module, x: torch.Tensor, samples: int = 30, *, seed: in
             which ``dropkit.manual_seed`` seeds. Same seed, same samples. Layers' own ``seed``
             generators are not used while sampling.
         memory_budget: bytes of module outputs (the sum over every module's outputs, measured on
-            the first pass) one forward may produce; 0 runs one pass per forward.
+            a first pass) one forward may produce; 0 runs one pass per forward.
+        shared_masks: one mask per layer and pass for the whole batch, the dropped work skipped
+            (an MLP only, see :func:`dropkit.mc_thinned.parse_mlp`); ``memory_budget`` then
+            does not apply (one pass at a time).
 
     Shape: ``x``: (N, ...); output: (samples, N, ...).
 
@@ -416,11 +440,20 @@ def mc_samples(model: nn.Module, x: torch.Tensor, samples: int = 30, *, seed: in
     rng.check_seed(seed)
     if not isinstance(x, torch.Tensor) or x.dim() == 0:
         raise ValueError(f"x must be a batch-first tensor (N, ...), got {type(x).__name__}")
+    if not isinstance(shared_masks, bool):
+        raise TypeError(f"shared_masks must be a bool, got {type(shared_masks).__name__}")
+    if shared_masks:
+        return mc_thinned.thinned_samples(model, x, samples, seed)
     with dropout_active(model) as layers, _Sampler(model, layers).installed() as sampler:
-        first, pass_bytes = _output_bytes(model, lambda: sampler.forward(model, x, seed, 0, 1))
-        outs = [first]
+        outs = []
+        key = (tuple(x.shape), x.dtype, x.device)
+        pass_bytes = _PASS_BYTES.setdefault(model, {}).get(key)
+        if pass_bytes is None:
+            first, pass_bytes = _output_bytes(model, lambda: sampler.forward(model, x, seed, 0, 1))
+            outs.append(first)
+            _remember_pass_bytes(model, key, pass_bytes)
         per_forward = max(1, memory_budget // max(pass_bytes, 1))
-        for start in range(1, samples, per_forward):
+        for start in range(len(outs), samples, per_forward):
             outs.append(sampler.forward(model, x, seed, start, min(per_forward, samples - start)))
     return torch.cat(outs)
 
@@ -458,7 +491,7 @@ def uncertainty_from_probs(probs: torch.Tensor) -> ClassUncertainty:
 
 
 def mc_classify(model: nn.Module, x: torch.Tensor, samples: int = 30, *, seed: int | None = None,
-                memory_budget: int = DEFAULT_MEMORY_BUDGET) -> ClassUncertainty:
+                memory_budget: int = DEFAULT_MEMORY_BUDGET, shared_masks: bool = False) -> ClassUncertainty:
     """Mean prediction and its uncertainty split for a model that outputs class logits.
 
     Arguments as :func:`mc_samples`.
@@ -470,17 +503,18 @@ def mc_classify(model: nn.Module, x: torch.Tensor, samples: int = 30, *, seed: i
         >>> out.probs.shape, flagged.shape
         (torch.Size([4, 3]), torch.Size([4]))
     """
-    logits = mc_samples(model, x, samples, seed=seed, memory_budget=memory_budget)
+    logits = mc_samples(model, x, samples, seed=seed, memory_budget=memory_budget, shared_masks=shared_masks)
     return uncertainty_from_probs(logits.float().softmax(-1))
 
 
 def mc_regress(model: nn.Module, x: torch.Tensor, samples: int = 30, *, seed: int | None = None,
-               memory_budget: int = DEFAULT_MEMORY_BUDGET) -> tuple[torch.Tensor, torch.Tensor]:
+               memory_budget: int = DEFAULT_MEMORY_BUDGET, shared_masks: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and variance over the passes for a model with real-valued outputs.
 
     The variance is the model (epistemic) part only; add the data noise variance (e.g. tau^-1 in
     Gal & Ghahramani 2016) for a full predictive variance. Arguments as :func:`mc_samples`.
     """
-    outputs = mc_samples(model, x, samples, seed=seed, memory_budget=memory_budget)
+    outputs = mc_samples(model, x, samples, seed=seed, memory_budget=memory_budget, shared_masks=shared_masks)
     return outputs.mean(0), outputs.var(0, unbiased=False)
 
