@@ -7,7 +7,12 @@ round-robin by :func:`dropkit.lab.bench.median_times`, one process, one thread c
 
 * ``loop``: the plain loop users write, ``model(x)`` T times with the dropout layers in training mode;
 * ``sequential``: :func:`dropkit.mc.mc_samples` with ``memory_budget=0`` (one pass per forward);
-* ``batched``: :func:`dropkit.mc.mc_samples` with its default budget (the passes share forwards);
+* ``batched``: :func:`dropkit.mc.mc_samples` with its default budget (the passes share forwards),
+  called again on a shape it has seen, as when scoring a dataset batch after batch;
+* ``batched_first_call``: the same on a shape it has not seen: one pass runs alone first to
+  measure the memory a pass takes;
+* ``thinned``: :func:`dropkit.mc.mc_samples` with ``shared_masks=True`` (one thinned network per
+  pass for the whole batch, the dropped units' products skipped);
 * ``baal``: Baal's ``ModelWrapper.predict_on_batch(x, iterations=T)`` (it replicates the batch
   in memory too, with one mask over the replicated batch) on the torch twin of the model, when
   ``baal`` is importable.
@@ -15,7 +20,7 @@ round-robin by :func:`dropkit.lab.bench.median_times`, one process, one thread c
 Prints one JSON object: seconds per T passes for each variant and batch size, the ratios to
 ``sequential``, and the load average before and after (the machine may be shared).
 
-    python benchmarks/mc_speed.py --samples 20 --batch 1 8 32 256 > benchmarks/results/mc_speed.json
+    python benchmarks/mc_speed.py --samples 20 --batch 1 8 32 256 1024 > benchmarks/results/mc_speed.json
 """
 
 from __future__ import annotations
@@ -68,7 +73,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=list(MODELS), default="srivastava_mlp")
     parser.add_argument("--samples", type=int, default=20)
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 256])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 256, 1024])
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -90,6 +95,8 @@ def main() -> int:
             "loop": loop,
             "sequential": lambda: mc.mc_samples(model, x, args.samples, seed=0, memory_budget=0),
             "batched": lambda: mc.mc_samples(model, x, args.samples, seed=0),
+            "batched_first_call": lambda: mc._PASS_BYTES.clear() or mc.mc_samples(model, x, args.samples, seed=0),
+            "thinned": lambda: mc.mc_samples(model, x, args.samples, seed=0, shared_masks=True),
         }
         baal = _baal_variant(plain, args.samples)
         if baal is not None:

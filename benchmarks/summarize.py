@@ -329,7 +329,8 @@ def mc_levels_table(result: dict) -> str:
 
 def mc_speed_table(result: dict) -> str:
     """Seconds for T passes per variant and batch size, and the speed-up over sequential passes."""
-    names = [k for k in ("loop", "sequential", "batched", "baal") if k in result["rows"][0]["seconds"]]
+    names = [k for k in ("loop", "sequential", "batched", "batched_first_call", "thinned", "baal")
+             if k in result["rows"][0]["seconds"]]
     rows = [[str(r["batch"])] + [f"{1000 * r['seconds'][k]:.1f}" for k in names]
             + [f"{r['speedup_vs_sequential'][k]:.2f}" for k in names if k != "sequential"]
             for r in result["rows"]]

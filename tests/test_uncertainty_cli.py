@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from dropkit import mc, rng
 from dropkit.lab.cli import main
 from dropkit.lab.train import CHECKPOINT, TrainConfig, train
-from dropkit.lab.uncertainty import evaluate_uncertainty, load_run
+from dropkit.lab.uncertainty import _CHUNK_STREAM, evaluate_uncertainty, load_run
 from conftest import write_idx, write_idx_folder
 
 
@@ -72,6 +73,20 @@ def test_figures_match_a_direct_computation_and_repeat(tiny_run):
     assert result["deterministic"]["nll"] == pytest.approx(expected_nll, rel=1e-5)
     assert result["deterministic"]["accuracy"] == pytest.approx(float((probs.argmax(1) == test.labels).float().mean()))
 
+
+
+def test_shared_masks_give_the_thinned_passes(tiny_run):
+    result = evaluate_uncertainty(tiny_run / "run", samples=6, seed=3, shared_masks=True)
+    assert result["shared_masks"] is True
+    config, model = load_run(tiny_run / "run")
+    from dropkit.lab.train import load_splits
+    test = load_splits(config.dataset, config.data_dir, config.val_size, config.limit_train, config.limit_test,
+                       config.inputs)[2]
+    passes = mc.mc_samples(model, test.images, 6, seed=rng.derive_seed(3, _CHUNK_STREAM, 0), shared_masks=True)
+    probs = passes.float().softmax(-1).mean(0)
+    expected_nll = float(-probs.gather(1, test.labels[:, None]).log().mean())
+    assert result["mc"]["nll"] == pytest.approx(expected_nll, rel=1e-5)
+    assert result["mc"] != evaluate_uncertainty(tiny_run / "run", samples=6, seed=3)["mc"]
 
 def test_bad_run_folders(tmp_path, tiny_run, capsys):
     assert main(["uncertainty", str(tmp_path), "--samples", "2"]) == 2

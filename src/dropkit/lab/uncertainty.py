@@ -101,11 +101,12 @@ def _deterministic_probs(model: nn.Module, images: torch.Tensor) -> torch.Tensor
                           for i in range(0, len(images), EVAL_BATCH)])
 
 
-def _mc_probs(model: nn.Module, images: torch.Tensor, samples: int, seed: int, memory_budget: int) -> torch.Tensor:
+def _mc_probs(model: nn.Module, images: torch.Tensor, samples: int, seed: int, memory_budget: int,
+              shared_masks: bool) -> torch.Tensor:
     """Per-pass probabilities (samples, N, classes); chunk ``i`` of the inputs is sampled with
     ``derive_seed(seed, i)``, so the figures do not depend on anything but the seed."""
     parts = [mc_samples(model, images[i:i + MC_CHUNK], samples, seed=rng.derive_seed(seed, _CHUNK_STREAM, i // MC_CHUNK),
-                        memory_budget=memory_budget).float().softmax(-1)
+                        memory_budget=memory_budget, shared_masks=shared_masks).float().softmax(-1)
              for i in range(0, len(images), MC_CHUNK)]
     return torch.cat(parts, 1)
 
@@ -128,7 +129,8 @@ def _ood(inside: dict[str, torch.Tensor], outside: dict[str, torch.Tensor]) -> d
 
 def evaluate_uncertainty(run_dir: str | Path, samples: int = 100, *, ood: str | None = None,
                          ood_dir: str | None = None, seed: int = 0, bins: int = mc_metrics.DEFAULT_BINS,
-                         memory_budget: int = DEFAULT_MEMORY_BUDGET, limit: int | None = None) -> dict[str, Any]:
+                         memory_budget: int = DEFAULT_MEMORY_BUDGET, limit: int | None = None,
+                         shared_masks: bool = False) -> dict[str, Any]:
     """Deterministic and Monte Carlo dropout figures of a trained run, as ``uncertainty.json`` holds them.
 
     Args:
@@ -140,6 +142,8 @@ def evaluate_uncertainty(run_dir: str | Path, samples: int = 100, *, ood: str | 
         bins: ECE and reliability bins.
         memory_budget: bytes of module outputs per batched forward (see :func:`dropkit.mc.mc_samples`).
         limit: score only the first ``limit`` inputs of the test and out-of-distribution sets.
+        shared_masks: sample thinned networks, one per pass for a chunk of inputs, skipping the
+            dropped units' work (MLP runs only; see :func:`dropkit.mc.mc_samples`).
 
     Returns a dict with ``deterministic`` and ``mc`` (each ``accuracy``, ``nll``, ``brier``,
     ``ece`` and, with out-of-distribution data, ``auroc``/``aupr`` per score), ``levels`` (the MC
@@ -155,11 +159,11 @@ def evaluate_uncertainty(run_dir: str | Path, samples: int = 100, *, ood: str | 
     test, ood_test = _test_sets(config, ood, ood_dir, limit)
     labels = test.labels
     det = _deterministic_probs(model, test.images)
-    passes = _mc_probs(model, test.images, samples, seed, memory_budget)
+    passes = _mc_probs(model, test.images, samples, seed, memory_budget, shared_masks)
     mean = passes.mean(0)
     result: dict[str, Any] = {
         "run": str(run_dir), "model": config.model, "dataset": config.dataset, "test_size": len(labels),
-        "samples": samples, "seed": seed, "bins": bins,
+        "samples": samples, "seed": seed, "bins": bins, "shared_masks": shared_masks,
         "deterministic": _scores(det, labels, bins),
         "mc": _scores(mean, labels, bins),
         "levels": {str(t): _scores(passes[:t].mean(0), labels, bins)
@@ -169,7 +173,7 @@ def evaluate_uncertainty(run_dir: str | Path, samples: int = 100, *, ood: str | 
     }
     if ood_test is not None:
         det_in, mc_in = mc_metrics.uncertainty_scores(det), mc_metrics.uncertainty_scores(passes)
-        ood_passes = _mc_probs(model, ood_test.images, samples, rng.derive_seed(seed, 1), memory_budget)
+        ood_passes = _mc_probs(model, ood_test.images, samples, rng.derive_seed(seed, 1), memory_budget, shared_masks)
         det_out = mc_metrics.uncertainty_scores(_deterministic_probs(model, ood_test.images))
         mc_out = mc_metrics.uncertainty_scores(ood_passes)
         result["ood"] = {"dataset": ood or str(ood_dir), "size": len(ood_test.labels)}

@@ -30,6 +30,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="ECE and reliability bins (default %(default)s)")
     parser.add_argument("--memory-budget-mib", type=int_at_least(0), default=DEFAULT_MEMORY_BUDGET // 2**20,
                         help="MiB of layer outputs one batched forward may produce (default %(default)s)")
+    parser.add_argument("--shared-masks", action="store_true",
+                        help="one thinned network per pass for each chunk of inputs, the dropped units' work "
+                             "skipped: faster on large MLPs, the same distribution per input (MLP runs only)")
     parser.add_argument("--limit", type=int_at_least(1), default=None, metavar="N",
                         help="score only the first N inputs of the test and out-of-distribution sets")
     parser.add_argument("--out", type=Path, default=None, help="folder for the results (default: RUN_DIR)")
@@ -38,7 +41,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     result = evaluate_uncertainty(args.run_dir, args.samples, ood=args.ood, ood_dir=args.ood_dir, seed=args.seed,
-                                  bins=args.bins, memory_budget=args.memory_budget_mib * 2**20, limit=args.limit)
+                                  bins=args.bins, memory_budget=args.memory_budget_mib * 2**20, limit=args.limit,
+                                  shared_masks=args.shared_masks)
     json_path, html_path = write_uncertainty(args.out or args.run_dir, result)
     print(f"{'':<16}{'accuracy':>10}{'NLL':>9}{'Brier':>9}{'ECE':>9}")
     rows = [("deterministic", result["deterministic"])] + [(f"MC T={t}", v) for t, v in result["levels"].items()]
