@@ -42,6 +42,11 @@ _ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
 )
 
+#: rough cost of one weight element gathered from strided columns, in multiply-adds of a matrix
+#: product: a load that misses the cache against vectorised, cache-blocked multiply-adds. It only
+#: decides how a pass is computed, never its result (beyond rounding)
+_MULTIPLY_ADDS_PER_GATHERED_WEIGHT = 32
+
 #: unit dropout modules; a ``mask_shape`` (shared masks) is refused
 _DROPOUTS: tuple[type[nn.Module], ...] = (nn.Dropout, dnn.Dropout)
 
@@ -144,22 +149,35 @@ def _scale(p: float) -> float:
     return 1.0 / (1.0 - p) if p < 1.0 else 0.0
 
 
+def _columns_pay(rows: int, width: int, kept: int) -> bool:
+    """Whether gathering a weight's ``kept`` of ``width`` columns costs less than the products it
+    skips, ``rows * (width - kept)`` multiply-adds a kept output; else the input is spread back to
+    full width with zeros (see :data:`_MULTIPLY_ADDS_PER_GATHERED_WEIGHT`)."""
+    return rows * (width - kept) >= _MULTIPLY_ADDS_PER_GATHERED_WEIGHT * kept
+
+
 def _thinned_pass(mlp: ThinnedMLP, x: torch.Tensor, kept: list[torch.Tensor | None]) -> torch.Tensor:
-    h = x if kept[0] is None else x.index_select(1, kept[0]).mul_(_scale(mlp.rates[0]))
+    h, units = x, None  # h holds the input columns ``units`` of the next Linear (None: all of them)
+    if kept[0] is not None:
+        h, units = x.index_select(1, kept[0]).mul_(_scale(mlp.rates[0])), kept[0]
     last = len(mlp.linears) - 1
     for i, linear in enumerate(mlp.linears):
         rows = kept[i + 1] if i < last else None
         weight, bias = linear.weight, linear.bias
-        if rows is not None:
+        if rows is not None:  # a contiguous copy of the kept rows: always worth it
             weight = weight.index_select(0, rows)
             bias = None if bias is None else bias.index_select(0, rows)
-        if kept[i] is not None:
-            weight = weight.index_select(1, kept[i])
+        if units is not None:
+            if _columns_pay(h.shape[0], linear.in_features, units.numel()):
+                weight = weight.index_select(1, units)
+            else:
+                h = h.new_zeros(h.shape[0], linear.in_features).index_copy_(1, units, h)
         h = F.linear(h, weight, bias)
         for activation in mlp.activations[i]:
             h = activation(h)
         if rows is not None:
             h = h.mul_(_scale(mlp.rates[i + 1]))
+        units = rows
     return h
 
 
