@@ -20,7 +20,7 @@ round-robin by :func:`dropkit.lab.bench.median_times`, one process, one thread c
 Prints one JSON object: seconds per T passes for each variant and batch size, the ratios to
 ``sequential``, and the load average before and after (the machine may be shared).
 
-    python benchmarks/mc_speed.py --samples 20 --batch 1 8 32 256 1024 > benchmarks/results/mc_speed.json
+    python benchmarks/mc_speed.py --samples 20 --batch 1 8 32 64 256 1024 > benchmarks/results/mc_speed.json
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=list(MODELS), default="srivastava_mlp")
     parser.add_argument("--samples", type=int, default=20)
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 256, 1024])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64, 256, 1024])
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -4,8 +4,9 @@
         --command "dropkit uncertainty RUN --samples 100 --ood fashion-mnist" \\
         > benchmarks/results/mc_uncertainty_mnist.json
 
-Each entry keeps the run's training config (from ``config.json``), its final test accuracy (from
-``result.json``) and the uncertainty figures (without the per-bin reliability data).
+Each entry keeps the run's training config (from ``config.json`` in the folder, or in the one above
+for figures written to a subfolder with ``--out``) and the uncertainty figures (without the
+per-bin reliability data).
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ def main() -> int:
     entries = []
     for run in args.runs:
         path = run / "uncertainty.json"
+        # figures written elsewhere (dropkit uncertainty --out RUN/NAME) take the run's config from above
+        config_path = run / "config.json" if (run / "config.json").is_file() else run.parent / "config.json"
         try:
             figures = json.loads(path.read_text())
-            config = json.loads((run / "config.json").read_text())
+            config = json.loads(config_path.read_text())
         except (OSError, ValueError) as err:
             parser.error(f"{path}: {err}")
         figures.pop("reliability", None)

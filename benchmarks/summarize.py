@@ -283,13 +283,16 @@ def mc_table(result: dict) -> str:
     return _table(["prediction", "test %"], rows)
 
 
-def _mc_run_label(run: dict) -> tuple[str, str, str]:
-    """Model, training data -> OOD data, and main dropout rate of an ``uncertainty`` entry."""
+def _mc_run_label(run: dict) -> tuple[str, str, str, str]:
+    """Model (with its arguments), training data -> OOD data, main dropout rate and MC masks
+    (per element, or thinned networks) of an ``uncertainty`` entry."""
     c, u = run["config"], run["uncertainty"]
     ood = u.get("ood", {}).get("dataset", "-")
     # a run at the model's own rate has p None in its config; its folder is still named p=RATE
-    p = f"{c['p']:g}" if c["p"] is not None else u["run"].rsplit("p=", 1)[-1]
-    return f"`{c['model']}`", f"{u.get('dataset', c.get('dataset', '?'))} -> {ood}", p
+    p = f"{c['p']:g}" if c["p"] is not None else u["run"].rsplit("p=", 1)[-1].split("/", 1)[0]
+    model = " ".join([f"`{c['model']}`", *(f"{k}={v}" for k, v in (c.get("model_kwargs") or {}).items())])
+    masks = "thinned" if u.get("shared_masks") else "per element"
+    return model, f"{u.get('dataset', c.get('dataset', '?'))} -> {ood}", p, masks
 
 
 def mc_uncertainty_table(result: dict) -> str:
@@ -306,14 +309,15 @@ def mc_uncertainty_table(result: dict) -> str:
                      f"{det['auroc']['total_entropy']:.4f}" if "auroc" in det else "-",
                      " / ".join(f"{auroc[k]:.4f}" for k in ("total_entropy", "mutual_information", "max_probability")
                                 if k in auroc) or "-"])
-    return _table(["model", "data -> OOD", "p", "seed", "epochs", "T", "test % (eval / MC)", "NLL (eval / MC)",
+    return _table(["model", "data -> OOD", "p", "MC masks", "seed", "epochs", "T", "test % (eval / MC)",
+                   "NLL (eval / MC)",
                    "ECE (eval / MC)", "Brier (eval / MC)", "OOD AUROC, eval: entropy",
                    "OOD AUROC, MC: entropy / mutual information / 1 - max p"], rows)
 
 
 def mc_levels_table(result: dict) -> str:
     """MC figures after T passes, mean over the seeds of each model, data and rate."""
-    groups: dict[tuple[str, str, str], list[dict]] = {}
+    groups: dict[tuple[str, str, str, str], list[dict]] = {}
     for run in result["runs"]:
         groups.setdefault(_mc_run_label(run), []).append(run["uncertainty"])
     rows = []
@@ -324,7 +328,7 @@ def mc_levels_table(result: dict) -> str:
             mean = {k: sum(f[k] for f in figures) / len(figures) for k in ("accuracy", "nll", "ece")}
             rows.append([*label, str(len(runs)), name, f"{100 * mean['accuracy']:.2f}", f"{mean['nll']:.4f}",
                          f"{mean['ece']:.4f}"])
-    return _table(["model", "data -> OOD", "p", "seeds", "prediction", "test %", "NLL", "ECE"], rows)
+    return _table(["model", "data -> OOD", "p", "MC masks", "seeds", "prediction", "test %", "NLL", "ECE"], rows)
 
 
 def mc_speed_table(result: dict) -> str:
