@@ -35,13 +35,6 @@ __all__ = ["ThinnedMLP", "parse_mlp", "thinned_samples"]
 #: stream of :func:`dropkit.rng.derive_seed` that the thinned passes' kept units come from
 _THINNED_STREAM = 5
 
-#: element-wise activations that may sit between two Linear layers (f(0) need not be 0: dropout
-#: comes after them, so a dropped unit is zero whatever f is)
-_ACTIVATIONS: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
-)
-
 #: rough cost of one weight element gathered from strided columns, in multiply-adds of a matrix
 #: product: a load that misses the cache against vectorised, cache-blocked multiply-adds. It only
 #: decides how a pass is computed, never its result (beyond rounding)
@@ -105,7 +98,7 @@ def parse_mlp(model: nn.Module) -> ThinnedMLP:
             activation, rate = nn.ReLU(), float(module.p)
         else:
             rate = _unit_rate(module)
-            activation = module if rate is None and isinstance(module, _ACTIVATIONS) else None
+            activation = module if rate is None and isinstance(module, dnn.ELEMENTWISE_ACTIVATIONS) else None
         if activation is None and rate is None:
             raise ValueError(f"thinned passes take Linear, element-wise activations and unit dropout; "
                              f"position {position} holds {module}")

@@ -42,6 +42,15 @@ __all__ = [
     "WeightDropout",
 ]
 
+#: torch's element-wise activation modules: a unit's output depends on that unit's input only, so
+#: a dropout after one can be moved across it or skip the unit's arithmetic (:mod:`dropkit.structured`,
+#: :mod:`dropkit.mc_thinned`)
+ELEMENTWISE_ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Identity,
+)
+
+
 def _check_bool(value: bool, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}")

@@ -68,9 +68,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dropkit import nn as dnn
+from dropkit.functional import check_p
 from dropkit.kernels import run_parallel
 from dropkit.kernels.cpu import CACHE
-from dropkit.functional import check_p
+from dropkit.nn import ELEMENTWISE_ACTIVATIONS
 from dropkit.rng import check_seed
 
 __all__ = [
@@ -93,12 +94,6 @@ log = logging.getLogger(__name__)
 
 #: dtypes the compiled CPU kernels handle; others (and non-CPU tensors) use plain torch ops
 _KERNEL_DTYPES = (torch.float32, torch.float64)
-
-#: elementwise activations a converted ``nn.Sequential`` may use between its Linear layers
-ELEMENTWISE_ACTIVATIONS: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Identity,
-)
 
 #: dropout modules a converted ``nn.Sequential`` may use after an activation
 _UNIT_DROPOUTS: tuple[type[nn.Module], ...] = (nn.Dropout, dnn.Dropout)
