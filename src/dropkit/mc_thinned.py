@@ -66,9 +66,10 @@ def _unit_rate(module: nn.Module) -> float | None:
 def parse_mlp(model: nn.Module) -> ThinnedMLP:
     """Read ``model`` as ``[Flatten] [Dropout] Linear (activation [Dropout] Linear)*``.
 
-    Raises ``TypeError`` if ``model`` is not an ``nn.Sequential``, ``ValueError`` naming the first module that does not fit (anything but Linear,
-    element-wise activations, unit dropout and a leading ``Flatten(1, -1)``, a dropout before an
-    activation, two dropouts in a row, or one after the last Linear).
+    Raises ``TypeError`` if ``model`` is not an ``nn.Sequential``, and ``ValueError`` naming the
+    first module that does not fit: anything but Linear, element-wise activations, unit dropout,
+    ``Identity`` and a leading ``Flatten(1, -1)``; a dropout before an activation; two dropouts in
+    a row; a dropout after the last Linear.
 
     Example:
         >>> mlp = parse_mlp(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), dnn.Dropout(0.5), nn.Linear(8, 2)))
