@@ -17,8 +17,12 @@ round-robin by :func:`dropkit.lab.bench.median_times`, one process, one thread c
   in memory too, with one mask over the replicated batch) on the torch twin of the model, when
   ``baal`` is importable.
 
-Prints one JSON object: seconds per T passes for each variant and batch size, the ratios to
-``sequential``, and the load average before and after (the machine may be shared).
+Each of ``--processes`` processes (default 3) times every variant; the step time of the thinned
+passes in particular differs from process to process (by up to 1.6x at batch 256 on the 2-core
+test machine, with the same code and inputs), so one process is not enough. Prints one JSON
+object: per process and batch size the seconds per T passes of each variant and the ratios to
+``sequential``; per batch size the median over the processes of both and the range of the
+ratios; and the load average before and after (the machine may be shared).
 
     python benchmarks/mc_speed.py --samples 20 --batch 1 8 32 64 256 1024 > benchmarks/results/mc_speed.json
 """
@@ -29,6 +33,8 @@ import argparse
 import importlib.metadata
 import json
 import os
+import statistics
+import subprocess
 import sys
 
 import torch
@@ -69,20 +75,14 @@ def _baal_variant(model: nn.Module, samples: int):
     return run
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=list(MODELS), default="srivastava_mlp")
-    parser.add_argument("--samples", type=int, default=20)
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64, 256, 1024])
-    parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args()
+def _measure(args: argparse.Namespace) -> list[dict]:
+    """Rows of one process: per batch size, the median seconds of each variant and the ratios."""
     torch.manual_seed(0)
     model = MODELS[args.model]()
     fuse_relu_dropout(model)
     model.eval()
     plain = MODELS[args.model]()  # unfused, for Baal's torch twin
     plain.load_state_dict(model.state_dict())
-    load_before = os.getloadavg()
     rows = []
     for batch in args.batch:
         x = torch.randn(batch, 784)
@@ -104,11 +104,45 @@ def main() -> int:
         times = median_times(variants, args.repeats)
         rows.append({"batch": batch, "seconds": times,
                      "speedup_vs_sequential": {k: times["sequential"] / v for k, v in times.items()}})
+    return rows
+
+
+def _merge(runs: list[list[dict]]) -> list[dict]:
+    """Per batch size: the median over the processes of the seconds and ratios, and the ratios' range."""
+    merged = []
+    for rows in zip(*runs):
+        names = rows[0]["seconds"]
+        ratios = {k: [r["speedup_vs_sequential"][k] for r in rows] for k in names}
+        merged.append({"batch": rows[0]["batch"],
+                       "seconds": {k: statistics.median(r["seconds"][k] for r in rows) for k in names},
+                       "speedup_vs_sequential": {k: statistics.median(v) for k, v in ratios.items()},
+                       "speedup_range": {k: [min(v), max(v)] for k, v in ratios.items()}})
+    return merged
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=list(MODELS), default="srivastava_mlp")
+    parser.add_argument("--samples", type=int, default=20)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64, 256, 1024])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--processes", type=int, default=3, help="processes that each time every variant")
+    parser.add_argument("--one-process", action="store_true", help=argparse.SUPPRESS)  # a child: print its rows
+    args = parser.parse_args()
+    if args.one_process:
+        print(json.dumps(_measure(args)))
+        return 0
+    load_before = os.getloadavg()
+    child = [sys.executable, __file__, "--one-process", "--model", args.model, "--samples", str(args.samples),
+             "--repeats", str(args.repeats), "--batch", *map(str, args.batch)]
+    runs = [json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout)
+            for _ in range(args.processes)]
     try:
         baal_version = importlib.metadata.version("baal")
     except importlib.metadata.PackageNotFoundError:
         baal_version = None
-    print(json.dumps({"model": args.model, "samples": args.samples, "baal": baal_version, "rows": rows,
+    print(json.dumps({"model": args.model, "samples": args.samples, "baal": baal_version, "processes": args.processes,
+                      "rows": _merge(runs), "runs": runs,
                       "environment": {"threads": torch.get_num_threads(), "torch": torch.__version__,
                                       "load_average_1min": round(load_before[0], 2)},
                       "loadavg_before": load_before, "loadavg_after": os.getloadavg()}, indent=2))

@@ -332,11 +332,17 @@ def mc_levels_table(result: dict) -> str:
 
 
 def mc_speed_table(result: dict) -> str:
-    """Seconds for T passes per variant and batch size, and the speed-up over sequential passes."""
+    """Seconds for T passes per variant and batch size, and the speed-up over sequential passes:
+    medians over the processes, with the range of the speed-ups across them."""
     names = [k for k in ("loop", "sequential", "batched", "batched_first_call", "thinned", "baal")
              if k in result["rows"][0]["seconds"]]
+
+    def speedup(row: dict, name: str) -> str:
+        low, high = row["speedup_range"][name]
+        return f"{row['speedup_vs_sequential'][name]:.2f} ({low:.2f}-{high:.2f})"
+
     rows = [[str(r["batch"])] + [f"{1000 * r['seconds'][k]:.1f}" for k in names]
-            + [f"{r['speedup_vs_sequential'][k]:.2f}" for k in names if k != "sequential"]
+            + [speedup(r, k) for k in names if k != "sequential"]
             for r in result["rows"]]
     return _table(["batch"] + [f"{k} (ms)" for k in names] + [f"{k} speed-up" for k in names if k != "sequential"],
                   rows)
