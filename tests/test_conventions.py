@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: every public module of the core library
 CORE_MODULES = ["dropkit", "dropkit.functional", "dropkit.nn", "dropkit.convert", "dropkit.rng", "dropkit.ops",
-                "dropkit.structured", "dropkit.schedule", "dropkit.concrete", "dropkit.mc", "dropkit.kernels",
+                "dropkit.structured", "dropkit.schedule", "dropkit.concrete", "dropkit.mc", "dropkit.mc_thinned",
+                "dropkit.mc_metrics", "dropkit.kernels",
                 "dropkit.kernels.reference"]
 
 

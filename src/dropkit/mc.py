@@ -432,6 +432,8 @@ def mc_samples(model: nn.Module, x: torch.Tensor, samples: int = 30, *, seed: in
         torch.Size([5, 2, 3])
         >>> torch.equal(logits, mc_samples(net, x, samples=5, seed=0))  # same seed, same passes
         True
+        >>> mc_samples(net, x, samples=5, seed=0, shared_masks=True).shape  # thinned networks
+        torch.Size([5, 2, 3])
     """
     _check_int("samples", samples, 1)
     _check_int("memory_budget", memory_budget, 0)

@@ -124,9 +124,11 @@ def reliability_diagram(probs: torch.Tensor, labels: torch.Tensor, bins: int = D
     takes 0). A calibrated model has accuracy equal to confidence in every bin.
 
     Example:
-        >>> diagram = reliability_diagram(probs, labels)
-        >>> diagram.ece == expected_calibration_error(probs, labels)
-        True
+        >>> probs = torch.tensor([[0.9, 0.1], [0.55, 0.45], [0.3, 0.7]])
+        >>> labels = torch.tensor([0, 1, 1])
+        >>> diagram = reliability_diagram(probs, labels, bins=5)
+        >>> diagram.counts, diagram.ece == expected_calibration_error(probs, labels, bins=5)
+        ([0, 0, 1, 1, 1], True)
     """
     _check(probs, labels)
     _check_bins(bins)
